@@ -1,0 +1,1 @@
+"""Pure metric functions (filled in by the metric-core work)."""

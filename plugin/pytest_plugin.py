@@ -1,0 +1,1 @@
+"""reasondiff's pytest plugin (placeholder until the plugin lands)."""

@@ -1,0 +1,188 @@
+"""Plain records that flow between the core, the plugin, the bundle and the reports.
+
+Reports and the results bundle only ever see these; they never see tensors or models.
+Everything here is JSON/CSV friendly (ints, floats, strings, tuples of ints).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: CKA-like per-layer metrics written to cka.csv. Layer l in 0..L indexes
+#: ``hidden_states`` (l = L is after the final norm); ``*_prenorm`` metrics exist only
+#: at layer L and score the last block's output before the final norm.
+CKA_METRICS = (
+    "linear",
+    "rbf",
+    "linear_without_dominant",
+    "linear_prenorm",
+    "rbf_prenorm",
+    "linear_without_dominant_prenorm",
+)
+#: Diagnostics per (pair, trace, layer), also rows of cka.csv.
+DIAGNOSTIC_METRICS = (
+    "pc1_share_base",
+    "pc1_share_descendant",
+    "pc1_carried",  # share of biased linear CKA carried by the PC1 x PC1 term
+    "dominant_count",  # |U|
+    "top_norm_overlap_base",
+    "top_norm_overlap_descendant",
+    "proj_norm_corr_base",
+    "proj_norm_corr_descendant",
+    "massive_count_base",
+    "massive_count_descendant",
+)
+
+
+@dataclass(frozen=True)
+class WeightRecord:
+    """One weight tensor compared between base and descendant (METHODS §7).
+
+    ``layer`` is the decoder block index, -1 for tensors outside the blocks.
+    ``component`` is the name inside the block (``self_attn.q_proj.weight``) or the
+    full name for tensors outside blocks (``model.embed_tokens.weight``).
+    ``note`` is empty for an ordinary comparison, else one of ``missing_in_base``,
+    ``missing_in_descendant``, ``tied``, ``resized:<rows>`` (compared on shared rows),
+    ``renamed:<other name>``, ``shape_mismatch``; metrics are NaN where not comparable.
+    """
+
+    base: str
+    descendant: str
+    tensor: str
+    layer: int
+    component: str
+    shape: tuple[int, ...]
+    normalized_diff: float
+    relative_diff: float
+    mean_abs_diff: float
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class CkaRecord:
+    """One per-layer value for one trace: a row of cka.csv."""
+
+    base: str
+    descendant: str
+    trace: str
+    layer: int
+    metric: str
+    value: float
+
+
+@dataclass(frozen=True)
+class MassiveRecord:
+    """Positions carrying massive activations (Sun et al.) in one model, trace, layer."""
+
+    model: str
+    trace: str
+    layer: int
+    positions: tuple[int, ...]
+    max_abs: float
+
+
+@dataclass
+class Verdict:
+    """The outcome of one finding test for one pair (or one base, for group findings).
+
+    ``observed`` is what was measured (True = the finding holds), ``expected`` what the
+    registry says (None = no expectation: reported, never failed). ``summary`` is the
+    one-line explanation with numbers; ``details`` holds the numbers for the report.
+    """
+
+    finding: str
+    subject: str  # pair id, or "base:<key>" for group-level findings
+    observed: bool | None
+    expected: bool | None
+    summary: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        """'pass', 'fail', 'observed' (no expectation) or 'error' (nothing measured)."""
+        if self.observed is None:
+            return "error"
+        if self.expected is None:
+            return "observed"
+        return "pass" if self.observed == self.expected else "fail"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PairInfo:
+    """Identity of a compared pair, enough for reports and bundles."""
+
+    pair_id: str
+    base: str  # registry key or label
+    descendant: str
+    base_source: str
+    descendant_source: str
+    method: str | None
+    group: str | None
+    expect: dict[str, bool] = field(default_factory=dict)
+    num_layers: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Curve:
+    """A per-layer curve averaged over traces, with a bootstrap interval over traces."""
+
+    metric: str
+    layers: list[int]
+    mean: list[float]
+    lo: list[float]
+    hi: list[float]
+    n_traces: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CacheStats:
+    """Counts for the one grep-able cache line of the terminal report."""
+
+    activations_computed: int = 0
+    activations_loaded: int = 0
+    weight_diffs_computed: int = 0
+    weight_diffs_loaded: int = 0
+    metrics_computed: int = 0
+    metrics_loaded: int = 0
+    caching_disabled_reason: str | None = None
+
+    def merge(self, other: CacheStats) -> None:
+        for name in (
+            "activations_computed",
+            "activations_loaded",
+            "weight_diffs_computed",
+            "weight_diffs_loaded",
+            "metrics_computed",
+            "metrics_loaded",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.caching_disabled_reason = self.caching_disabled_reason or other.caching_disabled_reason
+
+
+@dataclass
+class ReportData:
+    """Everything the reports render. Built by the plugin (live run or bundle replay).
+
+    ``weight_layers[pair_id][component]`` is the mean normalized diff per decoder layer
+    (index = layer); ``weight_other[pair_id][tensor]`` covers tensors outside blocks.
+    """
+
+    pairs: list[PairInfo] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    curves: dict[str, dict[str, Curve]] = field(default_factory=dict)
+    weight_layers: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    weight_other: dict[str, dict[str, float]] = field(default_factory=dict)
+    weight_summary: dict[str, dict[str, float]] = field(default_factory=dict)  # mean_diff, localization
+    cache: CacheStats = field(default_factory=CacheStats)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)

@@ -1,0 +1,1 @@
+"""reasondiff.reports"""
