@@ -100,9 +100,10 @@ class Verdict:
 
     @property
     def status(self) -> str:
-        """'pass', 'fail', 'observed' (no expectation) or 'error' (nothing measured)."""
+        """'pass', 'fail', 'observed' (no expectation), 'n/a' (undecidable, nothing
+        expected: e.g. no weight change at all) or 'error' (undecidable but expected)."""
         if self.observed is None:
-            return "error"
+            return "n/a" if self.expected is None else "error"
         if self.expected is None:
             return "observed"
         return "pass" if self.observed == self.expected else "fail"
@@ -185,4 +186,21 @@ class ReportData:
     weight_summary: dict[str, dict[str, float]] = field(default_factory=dict)  # mean_diff, localization
     cache: CacheStats = field(default_factory=CacheStats)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PairResult:
+    """All measurements of one pair: what the finding tests, the bundle and reports use.
+
+    ``cka`` rows name their trace as ``"<trace set>:<trace id>"`` so that trace
+    invariance can split them by set; the first set in ``trace_sets`` is the primary one
+    that every other finding uses.
+    """
+
+    info: PairInfo
+    weights: list[WeightRecord] = field(default_factory=list)
+    cka: list[CkaRecord] = field(default_factory=list)
+    massive: list[MassiveRecord] = field(default_factory=list)
+    trace_sets: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)

@@ -134,7 +134,7 @@ class Registry:
         for m in self.models.values():
             if m.base is not None and m.base not in self.models:
                 raise RegistryError(
-                    f"model {m.key!r}: base {m.base!r} is not in the registry "
+                    f"[models.{m.key}]: base {m.base!r} is not in the registry "
                     f"(known: {', '.join(sorted(self.models))})"
                 )
             for g in m.groups:

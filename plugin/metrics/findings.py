@@ -1,0 +1,737 @@
+"""Verdict math for the finding tests (METHODS.md §8): curves in, small frozen results out.
+
+Every public function is pure (no pytest, no I/O, no globals), takes its thresholds as
+keyword arguments with documented defaults, and returns a frozen dataclass carrying the
+numbers behind the verdict plus a one-line ``summary`` that explains it with those
+numbers. The pytest layer turns a result into a :class:`reasondiff.records.Verdict`
+(``observed`` = the result's boolean field, ``summary`` = its summary, ``details`` =
+:func:`dataclasses.asdict` of the result).
+
+Public API
+----------
+- :func:`detect_bathtub` (linear CKA over layers 1..L-1) -> :class:`BathtubResult`
+- :func:`bathtub_explained` (bathtub in linear CKA, gone without U) -> :class:`ExplainedResult`
+- :func:`final_layer_lowest` -> :class:`FinalLayerResult`;
+  :func:`final_layer_summary` joins the post-norm and pre-norm results into one line
+- :func:`localization` (share of the weight change per layer) -> :class:`LocalizationResult`
+- :func:`sft_vs_rl` (one-sided Mann-Whitney U + Cliff's delta + RBF check) -> :class:`SftVsRlResult`
+- :func:`mann_whitney_greater` (the rank test on its own) -> :class:`RankTestResult`
+- :func:`trace_invariance` (two curves agree within atol) -> :class:`InvarianceResult`
+- :func:`bootstrap_interval` (percentile bootstrap over traces) -> (mean, lo, hi)
+
+Bad input (an empty curve, NaN, mismatched lengths) raises
+:class:`reasondiff.errors.MetricInputError` naming the curve and the layer; a verdict is
+never computed from NaN. Layers are the ``hidden_states`` indices 0..L (METHODS §1), so
+the final layer L is the largest layer number in a curve unless ``num_layers`` says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from ..errors import MetricInputError
+from ..records import Curve
+
+FloatArray = NDArray[np.float64]
+
+__all__ = [
+    "BathtubResult",
+    "ExplainedResult",
+    "FinalLayerResult",
+    "InvarianceResult",
+    "LocalizationResult",
+    "RankTestResult",
+    "SftVsRlResult",
+    "bathtub_explained",
+    "bootstrap_interval",
+    "detect_bathtub",
+    "final_layer_lowest",
+    "final_layer_summary",
+    "localization",
+    "mann_whitney_greater",
+    "sft_vs_rl",
+    "trace_invariance",
+]
+
+
+# --------------------------------------------------------------------------- input checks
+def _as_vector(values: ArrayLike, name: str, layers: Sequence[int] | None = None) -> FloatArray:
+    """Validate a 1-D float curve; NaN/Inf is an error naming the layer it sits at."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1:
+        raise MetricInputError(f"{name}: expected a 1-D curve, got shape {tuple(arr.shape)}")
+    if arr.size == 0:
+        raise MetricInputError(f"{name}: the curve is empty (no layers)")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        i = int(bad[0])
+        where = f"layer {layers[i]}" if layers is not None else f"position {i}"
+        raise MetricInputError(
+            f"{name}: value at {where} is {arr[i]!r}; curves must be finite "
+            f"({bad.size} non-finite value(s) in total)"
+        )
+    return arr
+
+
+def _as_curve(
+    values: ArrayLike, layers: Sequence[int], name: str
+) -> tuple[FloatArray, NDArray[np.int64]]:
+    """Check a (values, layers) pair: same length, finite values, distinct increasing layers."""
+    lay = np.asarray(list(layers), dtype=np.int64)
+    vals = np.asarray(values, dtype=np.float64)
+    if vals.ndim != 1 or lay.ndim != 1 or vals.shape != lay.shape:
+        raise MetricInputError(
+            f"{name}: {vals.size} value(s) for {lay.size} layer(s); need one value per layer"
+        )
+    if lay.size and np.any(np.diff(lay) <= 0):
+        i = int(np.flatnonzero(np.diff(lay) <= 0)[0])
+        raise MetricInputError(
+            f"{name}: layers must be strictly increasing, got layer {lay[i]} "
+            f"followed by layer {lay[i + 1]}"
+        )
+    return _as_vector(vals, name, [int(x) for x in lay]), lay
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+# --------------------------------------------------------------------------- bathtub
+@dataclass(frozen=True)
+class BathtubResult:
+    """A middle-layer dip in a CKA curve and the numbers that decide it.
+
+    ``start`` is the first layer of the dip and ``recover`` the first layer after it
+    that is back up (see :func:`detect_bathtub` for the half-depth rule), ``bottom`` the
+    layer of the minimum. ``depth = min(early, late) - bottom_value``. ``depth_lo`` /
+    ``depth_hi`` bound the depth with the per-layer bootstrap interval when one was given.
+    """
+
+    present: bool
+    start: int | None
+    bottom: int
+    recover: int | None
+    depth: float
+    early: float | None
+    late: float | None
+    bottom_value: float
+    position: float  # bottom / L, the fraction of depth the minimum sits at
+    num_layers: int
+    delta: float
+    band: tuple[float, float]
+    depth_lo: float | None
+    depth_hi: float | None
+    summary: str
+
+
+def detect_bathtub(
+    values: ArrayLike,
+    layers: Sequence[int],
+    *,
+    delta: float = 0.1,
+    band: tuple[float, float] = (0.15, 0.85),
+    lo: ArrayLike | None = None,
+    hi: ArrayLike | None = None,
+    num_layers: int | None = None,
+    metric: str = "linear CKA",
+) -> BathtubResult:
+    """Decide whether a per-layer CKA curve has a middle-layer "bathtub".
+
+    Pass the full curve with its layer numbers (``hidden_states`` indices 0..L, L =
+    ``num_layers`` or, by default, the largest layer given). Only layers 1..L-1 are
+    considered: layer 0 is the embedding output and the final layer has its own finding
+    (``final_layer_lowest``), and a final-layer drop is not a bathtub.
+
+    With b the layer of the minimum (the first one on ties) among those layers:
+
+    - ``early`` = highest value before b, ``late`` = highest value after b (the recovery);
+    - present when b / L lies in ``band`` (inclusive), and ``depth = min(early, late) -
+      value(b) >= delta`` -- a drop below both sides, which also means it recovers.
+    - The dip is the contiguous run of layers around b whose values are below the
+      half-depth level ``value(b) + depth / 2``; ``start`` is its first layer and
+      ``recover`` the first layer after it (back above half depth).
+
+    ``lo`` / ``hi`` (the bootstrap interval per layer, same layers as ``values``) give a
+    conservative interval for the depth at the layers found on the mean curve:
+    ``min(max lo before b, max lo after b) - hi(b)`` to ``min(max hi before, max hi after)
+    - lo(b)``. Combining marginal bounds makes it wider than a joint bootstrap interval,
+    never narrower.
+    """
+    vals, lay = _as_curve(values, layers, metric)
+    lo_arr = _as_curve(lo, layers, f"{metric} (lower bound)")[0] if lo is not None else None
+    hi_arr = _as_curve(hi, layers, f"{metric} (upper bound)")[0] if hi is not None else None
+    if (lo_arr is None) != (hi_arr is None):
+        raise MetricInputError(f"{metric}: give both lo and hi interval bounds, or neither")
+    if not 0.0 <= band[0] <= band[1] <= 1.0:
+        raise MetricInputError(f"bathtub band must satisfy 0 <= low <= high <= 1, got {band}")
+    big_l = int(lay[-1]) if num_layers is None else int(num_layers)
+    sel = np.flatnonzero((lay >= 1) & (lay <= big_l - 1))
+    if sel.size < 3:
+        raise MetricInputError(
+            f"{metric}: a bathtub needs at least 3 layers in 1..L-1 (L = {big_l}); "
+            f"got layers {[int(x) for x in lay]}"
+        )
+    v, ly = vals[sel], lay[sel]
+    b = int(np.argmin(v))
+    bottom_layer, bottom_value = int(ly[b]), float(v[b])
+    position = bottom_layer / big_l
+    early = float(v[:b].max()) if b > 0 else None
+    late = float(v[b + 1 :].max()) if b < v.size - 1 else None
+    depth = (min(early, late) - bottom_value) if early is not None and late is not None else 0.0
+    in_band = band[0] <= position <= band[1]
+    present = bool(in_band and early is not None and late is not None and depth >= delta)
+
+    start = recover = None
+    if depth > 0:
+        level = bottom_value + depth / 2
+        i = b
+        while i > 0 and v[i - 1] < level:
+            i -= 1
+        j = b
+        while j < v.size - 1 and v[j + 1] < level:
+            j += 1
+        start = int(ly[i])
+        recover = int(ly[j + 1]) if j + 1 < v.size else None
+
+    depth_lo = depth_hi = None
+    if lo_arr is not None and hi_arr is not None and 0 < b < v.size - 1:
+        lo_s, hi_s = lo_arr[sel], hi_arr[sel]
+        depth_lo = float(min(lo_s[:b].max(), lo_s[b + 1 :].max()) - hi_s[b])
+        depth_hi = float(min(hi_s[:b].max(), hi_s[b + 1 :].max()) - lo_s[b])
+
+    interval = (
+        f" [interval {depth_lo:.3f}..{depth_hi:.3f}]"
+        if depth_lo is not None and depth_hi is not None
+        else ""
+    )
+    where = f"minimum {bottom_value:.3f} at layer {bottom_layer} of {big_l} ({_pct(position)} deep)"
+    if present:
+        summary = (
+            f"bathtub in {metric}: drops from {early:.3f} to {bottom_value:.3f} at layer "
+            f"{bottom_layer} of {big_l}, dip layers {start}..{recover}, recovers to "
+            f"{late:.3f}; depth {depth:.3f}{interval} >= delta {delta:g}"
+        )
+    else:
+        reasons = []
+        if not in_band:
+            reasons.append(f"outside the middle band {_pct(band[0])}-{_pct(band[1])}")
+        if early is None:
+            reasons.append("nothing before it to drop from")
+        if late is None:
+            reasons.append("no recovery after it")
+        if early is not None and late is not None and depth < delta:
+            reasons.append(
+                f"depth {depth:.3f}{interval} below min(early {early:.3f}, late {late:.3f}) "
+                f"is under delta {delta:g}"
+            )
+        summary = f"no bathtub in {metric}: {where}; " + "; ".join(reasons)
+    return BathtubResult(
+        present=present,
+        start=start,
+        bottom=bottom_layer,
+        recover=recover,
+        depth=float(depth),
+        early=early,
+        late=late,
+        bottom_value=bottom_value,
+        position=position,
+        num_layers=big_l,
+        delta=delta,
+        band=(float(band[0]), float(band[1])),
+        depth_lo=depth_lo,
+        depth_hi=depth_hi,
+        summary=summary,
+    )
+
+
+@dataclass(frozen=True)
+class ExplainedResult:
+    """Is the bathtub carried by the dominant datapoints U (METHODS §5)?"""
+
+    explained: bool
+    linear_present: bool
+    without_present: bool
+    depth_linear: float
+    depth_without: float
+    summary: str
+
+
+def bathtub_explained(linear: BathtubResult, without_dominant: BathtubResult) -> ExplainedResult:
+    """Explained = a bathtub in linear CKA that is absent once the rows in U are removed.
+
+    No bathtub in linear CKA means nothing to explain, so the finding does not hold.
+    """
+    explained = linear.present and not without_dominant.present
+    if not linear.present:
+        summary = (
+            f"nothing to explain: no bathtub in linear CKA (depth {linear.depth:.3f} "
+            f"< delta {linear.delta:g} or minimum outside the band)"
+        )
+    elif without_dominant.present:
+        summary = (
+            f"not explained: the bathtub (depth {linear.depth:.3f}) remains without the "
+            f"dominant datapoints (depth {without_dominant.depth:.3f} at layer "
+            f"{without_dominant.bottom})"
+        )
+    else:
+        summary = (
+            f"explained by dominant datapoints: depth {linear.depth:.3f} at layer "
+            f"{linear.bottom} shrinks to {without_dominant.depth:.3f} without them "
+            f"(< delta {without_dominant.delta:g})"
+        )
+    return ExplainedResult(
+        explained=explained,
+        linear_present=linear.present,
+        without_present=without_dominant.present,
+        depth_linear=linear.depth,
+        depth_without=without_dominant.depth,
+        summary=summary,
+    )
+
+
+# --------------------------------------------------------------------------- final layer
+@dataclass(frozen=True)
+class FinalLayerResult:
+    """Whether the final layer's CKA is the lowest of layers 1..L, with the runner-up."""
+
+    lowest: bool
+    variant: str
+    final_layer: int
+    final_value: float
+    runner_up_layer: int
+    runner_up_value: float
+    margin: float
+    summary: str
+
+
+def final_layer_lowest(
+    values: ArrayLike,
+    layers: Sequence[int],
+    *,
+    margin: float = 1e-6,
+    variant: str = "post-norm",
+) -> FinalLayerResult:
+    """The last layer's CKA is below every other layer in 1..L by more than ``margin``.
+
+    Layer 0 (embeddings) is left out: it is identical in most descendants and says
+    nothing about the blocks. The comparison is strict and the default ``margin`` of 1e-6
+    sits above float noise, so a flat curve (an unchanged copy, every layer 1.0 up to
+    rounding) is *not* "final layer lowest". Call it once for the post-norm
+    curve (layers 1..L) and once for the pre-norm one -- pass the curve with layer L
+    replaced by the ``*_prenorm`` value and ``variant="pre-norm"`` -- and join both with
+    :func:`final_layer_summary`.
+    """
+    vals, lay = _as_curve(values, layers, f"final-layer curve ({variant})")
+    sel = np.flatnonzero(lay >= 1)
+    if sel.size < 2:
+        raise MetricInputError(
+            f"final-layer curve ({variant}): needs at least 2 layers in 1..L, "
+            f"got layers {[int(x) for x in lay]}"
+        )
+    v, ly = vals[sel], lay[sel]
+    final_value = float(v[-1])
+    r = int(np.argmin(v[:-1]))
+    runner_layer, runner_value = int(ly[r]), float(v[r])
+    lowest = bool(runner_value - final_value > margin)
+    final_layer = int(ly[-1])
+    if lowest:
+        summary = (
+            f"{variant}: final layer {final_layer} is the lowest, CKA {final_value:.4f} < "
+            f"{runner_value:.4f} at layer {runner_layer} (next lowest)"
+        )
+    elif final_value < runner_value:
+        summary = (
+            f"{variant}: final layer {final_layer} CKA {final_value:.4f} is within margin "
+            f"{margin:g} of layer {runner_layer} ({runner_value:.4f}), not clearly the lowest"
+        )
+    else:
+        summary = (
+            f"{variant}: final layer {final_layer} CKA {final_value:.4f} is not the lowest; "
+            f"layer {runner_layer} has {runner_value:.4f}"
+        )
+    return FinalLayerResult(
+        lowest=lowest,
+        variant=variant,
+        final_layer=final_layer,
+        final_value=final_value,
+        runner_up_layer=runner_layer,
+        runner_up_value=runner_value,
+        margin=margin,
+        summary=summary,
+    )
+
+
+def final_layer_summary(post: FinalLayerResult, pre: FinalLayerResult | None = None) -> str:
+    """One line for the verdict: post-norm first, then pre-norm, and whether they agree.
+
+    Disagreement points at the final RMSNorm (a normalization effect rather than a change
+    in the last block), which is why the report shows both.
+    """
+    if pre is None:
+        return post.summary
+    note = (
+        "post- and pre-norm agree"
+        if post.lowest == pre.lowest
+        else "post- and pre-norm disagree: the final norm makes the difference"
+    )
+    return f"{post.summary}; {pre.summary}; {note}"
+
+
+# --------------------------------------------------------------------------- localization
+@dataclass(frozen=True)
+class LocalizationResult:
+    """How evenly the total normalized weight change spreads over decoder layers."""
+
+    distributed: bool | None
+    shares: tuple[float, ...]
+    gini: float
+    max_share: float
+    max_layer: int
+    max_share_ratio: float  # max share / uniform share (1/L)
+    total: float
+    max_gini: float
+    max_share_ratio_limit: float
+    summary: str
+
+
+def _gini(x: FloatArray) -> float:
+    """Gini coefficient of non-negative values: 0 = even, (n-1)/n = all in one entry."""
+    n = x.size
+    if n == 0 or x.sum() == 0:
+        return 0.0
+    s = np.sort(x)
+    idx = np.arange(1, n + 1, dtype=np.float64)
+    return float((2.0 * np.sum(idx * s)) / (n * s.sum()) - (n + 1) / n)
+
+
+def localization(
+    layer_totals: Sequence[float],
+    *,
+    max_gini: float = 0.5,
+    max_share_ratio: float = 3.0,
+) -> LocalizationResult:
+    """Is the weight change distributed over layers (METHODS §8, "weight distributed")?
+
+    ``layer_totals[l]`` is decoder layer l's summed normalized difference over its
+    components (``aggregate.weight_layer_totals``). Shares are totals / their sum; the
+    Gini coefficient over layers measures inequality (0 = uniform, (L-1)/L = one layer
+    carries everything) and the max share ratio compares the largest share with the
+    uniform share 1/L. Distributed when gini <= ``max_gini`` and the ratio <=
+    ``max_share_ratio``; with no change at all it is undecidable (``distributed=None``).
+    """
+    t = _as_vector(layer_totals, "per-layer weight-change totals", list(range(len(layer_totals))))
+    neg = np.flatnonzero(t < 0)
+    if neg.size:
+        i = int(neg[0])
+        raise MetricInputError(
+            f"per-layer weight-change totals: layer {i} is negative ({t[i]!r}); "
+            "normalized differences are >= 0"
+        )
+    total = float(t.sum())
+    n = t.size
+    if total == 0.0:
+        return LocalizationResult(
+            distributed=None,
+            shares=tuple(0.0 for _ in range(n)),
+            gini=0.0,
+            max_share=0.0,
+            max_layer=0,
+            max_share_ratio=0.0,
+            total=0.0,
+            max_gini=max_gini,
+            max_share_ratio_limit=max_share_ratio,
+            summary=f"no weight change: every one of {n} layer total(s) is 0",
+        )
+    shares = t / total
+    gini = _gini(t)
+    k = int(np.argmax(shares))
+    ratio = float(shares[k] * n)
+    distributed = bool(gini <= max_gini and ratio <= max_share_ratio)
+    verdict = "distributed" if distributed else "localized"
+    summary = (
+        f"weight change {verdict}: Gini {gini:.3f} ({'<=' if gini <= max_gini else '>'} "
+        f"{max_gini:g}) over {n} layers; largest share {shares[k]:.1%} at layer {k} = "
+        f"{ratio:.2f}x uniform ({'<=' if ratio <= max_share_ratio else '>'} {max_share_ratio:g}x)"
+    )
+    return LocalizationResult(
+        distributed=distributed,
+        shares=tuple(float(s) for s in shares),
+        gini=gini,
+        max_share=float(shares[k]),
+        max_layer=k,
+        max_share_ratio=ratio,
+        total=total,
+        max_gini=max_gini,
+        max_share_ratio_limit=max_share_ratio,
+        summary=summary,
+    )
+
+
+# --------------------------------------------------------------------------- SFT vs RL
+@dataclass(frozen=True)
+class RankTestResult:
+    """One-sided Mann-Whitney U test of "x tends to exceed y"."""
+
+    u: float  # U statistic of x: #(x > y) + 0.5 #(x == y) over all pairs
+    z: float
+    p_value: float
+    effect: float  # rank-biserial correlation = Cliff's delta = 2U/(n_x n_y) - 1
+    n_x: int
+    n_y: int
+
+
+def _average_ranks(values: FloatArray) -> tuple[FloatArray, float]:
+    """Ranks 1..n with ties sharing their average rank, and sum(t^3 - t) over tie groups."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_vals = values[order]
+    ranks = np.empty(values.size, dtype=np.float64)
+    tie_term = 0.0
+    i = 0
+    while i < values.size:
+        j = i
+        while j + 1 < values.size and sorted_vals[j + 1] == sorted_vals[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        t = j - i + 1
+        tie_term += float(t**3 - t)
+        i = j + 1
+    return ranks, tie_term
+
+
+def mann_whitney_greater(x: Sequence[float], y: Sequence[float]) -> RankTestResult:
+    """One-sided Mann-Whitney U test (alternative: x stochastically greater than y).
+
+    Average ranks for ties; normal approximation with the tie-corrected variance
+    ``n_x n_y / 12 * ((n + 1) - sum(t^3 - t) / (n (n - 1)))`` and a 0.5 continuity
+    correction -- the same numbers as ``scipy.stats.mannwhitneyu(x, y,
+    alternative="greater", method="asymptotic")``. With zero variance (all values tied)
+    there is no evidence either way and p = 1.
+    """
+    xa = _as_vector(x, "rank test, first sample")
+    ya = _as_vector(y, "rank test, second sample")
+    nx, ny = xa.size, ya.size
+    n = nx + ny
+    ranks, tie_term = _average_ranks(np.concatenate([xa, ya]))
+    u = float(ranks[:nx].sum() - nx * (nx + 1) / 2.0)
+    mu = nx * ny / 2.0
+    var = nx * ny / 12.0 * ((n + 1) - tie_term / (n * (n - 1))) if n > 1 else 0.0
+    if var <= 0:
+        z, p = 0.0, 1.0
+    else:
+        z = (u - mu - 0.5) / math.sqrt(var)
+        p = 0.5 * math.erfc(z / math.sqrt(2.0))
+    effect = 2.0 * u / (nx * ny) - 1.0
+    return RankTestResult(u=u, z=z, p_value=p, effect=effect, n_x=nx, n_y=ny)
+
+
+@dataclass(frozen=True)
+class SftVsRlResult:
+    """Group finding: SFT descendants changed their base more than RL descendants."""
+
+    holds: bool | None
+    p_value: float | None
+    effect: float | None
+    u: float | None
+    n_sft: int
+    n_rl: int
+    sft_median: float | None
+    rl_median: float | None
+    sft_rbf_mean: float | None
+    rl_rbf_mean: float | None
+    rbf_lower_for_sft: bool | None
+    alpha: float
+    min_effect: float
+    summary: str
+
+
+def sft_vs_rl(
+    sft: Sequence[float],
+    rl: Sequence[float],
+    *,
+    sft_rbf: Sequence[float],
+    rl_rbf: Sequence[float],
+    alpha: float = 0.05,
+    min_effect: float = 0.3,
+) -> SftVsRlResult:
+    """Do SFT descendants of one base change more than its RL descendants?
+
+    ``sft`` / ``rl``: per-matrix normalized differences (``aggregate.per_matrix_diffs``)
+    pooled over the descendants of each method. ``sft_rbf`` / ``rl_rbf``: one value per
+    descendant, its mean RBF CKA over layers (lower = representations moved more).
+    Holds when the one-sided Mann-Whitney test gives p < ``alpha``, Cliff's delta >=
+    ``min_effect`` (a rank test *and* an effect size, not one mean), and the mean RBF CKA
+    of the SFT descendants is below that of the RL descendants.
+
+    Pooled matrices are not independent draws (they share a descendant), so read p as a
+    descriptive score; the effect size is the part that carries the finding. When a
+    method has no descendant (or no matrices) the finding is undecidable:
+    ``holds=None`` with a summary that says which side is missing.
+    """
+    missing = [
+        name
+        for name, seq in (
+            ("SFT matrices", sft),
+            ("RL matrices", rl),
+            ("SFT RBF CKA", sft_rbf),
+            ("RL RBF CKA", rl_rbf),
+        )
+        if len(seq) == 0
+    ]
+    if missing:
+        return SftVsRlResult(
+            holds=None,
+            p_value=None,
+            effect=None,
+            u=None,
+            n_sft=len(sft),
+            n_rl=len(rl),
+            sft_median=None,
+            rl_median=None,
+            sft_rbf_mean=None,
+            rl_rbf_mean=None,
+            rbf_lower_for_sft=None,
+            alpha=alpha,
+            min_effect=min_effect,
+            summary="cannot compare SFT with RL: no " + ", no ".join(missing),
+        )
+    test = mann_whitney_greater(sft, rl)
+    s_rbf = float(_as_vector(sft_rbf, "RBF CKA of SFT descendants").mean())
+    r_rbf = float(_as_vector(rl_rbf, "RBF CKA of RL descendants").mean())
+    rbf_lower = s_rbf < r_rbf
+    holds = bool(test.p_value < alpha and test.effect >= min_effect and rbf_lower)
+    s_med, r_med = float(np.median(np.asarray(sft))), float(np.median(np.asarray(rl)))
+    summary = (
+        f"SFT {'changes more' if holds else 'does not change more'} than RL: median diff "
+        f"{s_med:.4g} (n={test.n_x}) vs {r_med:.4g} (n={test.n_y}), Mann-Whitney p={test.p_value:.2g} "
+        f"({'<' if test.p_value < alpha else '>='} {alpha:g}), Cliff's delta {test.effect:+.2f} "
+        f"({'>=' if test.effect >= min_effect else '<'} {min_effect:g}); mean RBF CKA SFT "
+        f"{s_rbf:.3f} {'<' if rbf_lower else '>='} RL {r_rbf:.3f}"
+    )
+    return SftVsRlResult(
+        holds=holds,
+        p_value=test.p_value,
+        effect=test.effect,
+        u=test.u,
+        n_sft=test.n_x,
+        n_rl=test.n_y,
+        sft_median=s_med,
+        rl_median=r_med,
+        sft_rbf_mean=s_rbf,
+        rl_rbf_mean=r_rbf,
+        rbf_lower_for_sft=rbf_lower,
+        alpha=alpha,
+        min_effect=min_effect,
+        summary=summary,
+    )
+
+
+# --------------------------------------------------------------------------- trace invariance
+@dataclass(frozen=True)
+class InvarianceResult:
+    """Largest per-layer gap between the curves of two trace sets."""
+
+    invariant: bool
+    max_abs_diff: float
+    layer: int
+    atol: float
+    diffs: tuple[float, ...]
+    layers: tuple[int, ...]
+    summary: str
+
+
+def _curve_parts(curve: Curve | Sequence[float], name: str) -> tuple[list[int] | None, FloatArray]:
+    if isinstance(curve, Curve):
+        vals, _ = _as_curve(curve.mean, curve.layers, f"{name} ({curve.metric})")
+        return list(curve.layers), vals
+    return None, _as_vector(curve, name)
+
+
+def trace_invariance(
+    curve_a: Curve | Sequence[float],
+    curve_b: Curve | Sequence[float],
+    *,
+    atol: float = 0.05,
+    names: tuple[str, str] = ("trace set A", "trace set B"),
+) -> InvarianceResult:
+    """Curves from two trace sets agree when max_l |a_l - b_l| <= ``atol``.
+
+    Accepts :class:`~reasondiff.records.Curve` s (compared on their means, layers must be
+    the same) or plain per-layer sequences (layers 0..n-1).
+    """
+    la, a = _curve_parts(curve_a, names[0])
+    lb, b = _curve_parts(curve_b, names[1])
+    layers = la if la is not None else lb if lb is not None else list(range(a.size))
+    if (la is not None and lb is not None and la != lb) or a.size != b.size:
+        raise MetricInputError(
+            f"trace invariance: {names[0]} has layers {la if la is not None else a.size} "
+            f"but {names[1]} has {lb if lb is not None else b.size}; curves must cover the same layers"
+        )
+    diffs = np.abs(a - b)
+    k = int(np.argmax(diffs))
+    mx = float(diffs[k])
+    invariant = mx <= atol
+    summary = (
+        f"{names[0]} vs {names[1]}: max |diff| {mx:.4f} at layer {layers[k]} "
+        f"({'<=' if invariant else '>'} atol {atol:g}) over {a.size} layers"
+    )
+    return InvarianceResult(
+        invariant=invariant,
+        max_abs_diff=mx,
+        layer=int(layers[k]),
+        atol=atol,
+        diffs=tuple(float(d) for d in diffs),
+        layers=tuple(int(x) for x in layers),
+        summary=summary,
+    )
+
+
+# --------------------------------------------------------------------------- bootstrap
+def bootstrap_interval(
+    per_trace: ArrayLike,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    layers: Sequence[int] | None = None,
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Mean over traces and a percentile bootstrap interval, per layer.
+
+    ``per_trace`` is T x L (one row per trace). Each draw resamples whole traces with
+    replacement -- the same traces for every layer, so the interval respects that one
+    trace's layers move together. Deterministic for a given ``seed``. With T = 1 there is
+    nothing to resample and lo = hi = mean. ``layers`` only names columns in errors.
+    """
+    arr = np.asarray(per_trace, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise MetricInputError(
+            f"bootstrap: expected a non-empty traces x layers array, got shape {tuple(arr.shape)}"
+        )
+    bad = np.argwhere(~np.isfinite(arr))
+    if bad.size:
+        t, c = (int(i) for i in bad[0])
+        layer = layers[c] if layers is not None else c
+        raise MetricInputError(
+            f"bootstrap: value for trace #{t} at layer {layer} is {arr[t, c]!r}; values must be finite"
+        )
+    if not 0.0 < level < 1.0:
+        raise MetricInputError(f"bootstrap: level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise MetricInputError(f"bootstrap: n_boot must be >= 1, got {n_boot}")
+    mean = arr.mean(axis=0)
+    n_traces = arr.shape[0]
+    if n_traces == 1:
+        return mean, mean.copy(), mean.copy()
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n_traces, size=(n_boot, n_traces))
+    draws = arr[idx].mean(axis=1)  # n_boot x L
+    alpha = (1.0 - level) / 2.0
+    lo = np.quantile(draws, alpha, axis=0)
+    hi = np.quantile(draws, 1.0 - alpha, axis=0)
+    # Clip so that lo <= mean <= hi always holds (a constant column would otherwise
+    # differ from its mean in the last bit; reports draw the mean inside the band).
+    return mean, np.minimum(lo, mean), np.maximum(hi, mean)

@@ -1,0 +1,333 @@
+"""Results bundle: write, read back exactly, and refuse broken bundles clearly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from reasondiff import bundle as bundle_mod
+from reasondiff.bundle import atomic_write_text, bundle_schema, read_bundle, write_bundle
+from reasondiff.errors import BundleError
+from reasondiff.records import CkaRecord, MassiveRecord, PairInfo, PairResult, Verdict, WeightRecord
+
+
+def _info(desc: str, method: str | None = "SFT") -> PairInfo:
+    return PairInfo(
+        pair_id=f"toy-base--{desc}",
+        base="toy-base",
+        descendant=desc,
+        base_source="toy:base",
+        descendant_source=f"toy:{desc}",
+        method=method,
+        group="toy",
+        expect={"bathtub": True, "trace_invariant": True},
+        num_layers=4,
+    )
+
+
+def _result(desc: str, seed: int) -> PairResult:
+    rng = np.random.default_rng(seed)
+    weights = [
+        WeightRecord(
+            "toy-base",
+            desc,
+            f"model.layers.{i}.mlp.up_proj.weight",
+            i,
+            "mlp.up_proj.weight",
+            (64, 128),
+            float(rng.random()) / 3,  # floats that need all 17 digits
+            float(rng.random()),
+            float(rng.random()) * 1e-7,
+        )
+        for i in range(4)
+    ]
+    weights += [
+        WeightRecord(
+            "toy-base",
+            desc,
+            "lm_head.weight",
+            -1,
+            "lm_head.weight",
+            (10, 64),
+            math.nan,
+            math.nan,
+            math.nan,
+            "tied",
+        ),
+        WeightRecord(
+            "toy-base", desc, "scale", -1, "scale", (), 0.0, 0.0, 0.0, "renamed:old, name"
+        ),
+    ]
+    cka = [
+        CkaRecord("toy-base", desc, f"{s}:{t}", layer, metric, float(rng.random()))
+        for s in ("a", "b")
+        for t in range(2)
+        for layer in range(5)
+        for metric in ("linear", "rbf")
+    ]
+    massive = [
+        MassiveRecord("toy-base", "a:0", 2, (0,), 3.6e4),
+        MassiveRecord(desc, "a:0", 2, (0, 17), 1234.5),
+        MassiveRecord(desc, "a:1", 3, (), 12.0),
+    ]
+    return PairResult(
+        _info(desc), weights, cka, massive, ["a", "b"], ["trace a:1 truncated to 300 tokens"]
+    )
+
+
+VERDICTS = [
+    Verdict(
+        "bathtub",
+        "toy-base--toy-massive",
+        True,
+        True,
+        "bathtub ...",
+        {"depth": 0.98, "band": (0.15, 0.85)},
+    ),
+    Verdict("weight_distributed", "toy-base--toy-copy", None, None, "no weight change", {}),
+    Verdict(
+        "sft_more_than_rl",
+        "base:toy-base",
+        False,
+        True,
+        "SFT does not change more",
+        {"p": np.float64(0.2)},
+    ),
+]
+
+
+def _records_equal(a: Any, b: Any) -> bool:
+    """Dataclass equality where NaN equals NaN (NaN marks 'not comparable' tensors)."""
+    if type(a) is not type(b):
+        return False
+    for name in a.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+            continue
+        if x != y:
+            return False
+    return True
+
+
+def _assert_same_results(got: list[PairResult], want: list[PairResult]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.info == w.info and g.trace_sets == w.trace_sets and g.notes == w.notes
+        for field in ("weights", "cka", "massive"):
+            gl, wl = getattr(g, field), getattr(w, field)
+            assert len(gl) == len(wl), field
+            assert all(_records_equal(x, y) for x, y in zip(gl, wl, strict=True)), field
+
+
+@pytest.fixture
+def written(tmp_path: Path) -> tuple[Path, list[PairResult]]:
+    results = [_result("toy-massive", 1), _result("toy-copy", 2)]
+    write_bundle(
+        tmp_path / "bundle",
+        results,
+        VERDICTS,
+        config={"delta": 0.1, "layers": None},
+        versions={"torch": "9.9"},
+    )
+    return tmp_path / "bundle", results
+
+
+def test_round_trip_is_exact(written: tuple[Path, list[PairResult]]) -> None:
+    out, results = written
+    got = read_bundle(out)
+    _assert_same_results(got.results, results)
+    assert [v.to_dict() for v in got.verdicts] == [
+        {**v.to_dict(), "details": json.loads(json.dumps(v.details, default=float))}
+        for v in VERDICTS
+    ]
+    assert [v.status for v in got.verdicts] == ["pass", "error", "fail"]
+    assert got.config == {"delta": 0.1, "layers": None}
+    assert (
+        got.versions["torch"] == "9.9"
+        and "python" in got.versions
+        and "transformers" in got.versions
+    )
+
+
+def test_written_files_have_exact_columns(written: tuple[Path, list[PairResult]]) -> None:
+    out, _ = written
+    with (out / "weights.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == [
+        "base", "descendant", "tensor", "layer", "component", "shape",
+        "normalized_diff", "relative_diff", "mean_abs_diff", "note",
+    ]  # fmt: skip
+    assert rows[1][5] == "64x128" and rows[5][6] == "nan" and rows[6][5] == ""
+    assert (out / "cka.csv").read_text().splitlines()[
+        0
+    ] == "base,descendant,trace,layer,metric,value"
+    massive = (out / "massive.csv").read_text().splitlines()
+    assert massive[0] == "model,trace,layer,positions,max_abs"
+    assert "toy-massive,a:0,2,0;17,1234.5" in massive
+    assert massive.count("toy-base,a:0,2,0,36000.0") == 1  # shared base written once
+    doc = json.loads((out / "results.json").read_text())
+    assert (
+        doc["verdicts"][0]["status"] == "pass"
+        and doc["pairs"][1]["info"]["descendant"] == "toy-copy"
+    )
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_rows_are_matched_to_pairs_by_names(written: tuple[Path, list[PairResult]]) -> None:
+    out, _ = written
+    # Reverse the CSV rows: each pair must still get exactly its own rows.
+    lines = (out / "cka.csv").read_text().splitlines()
+    (out / "cka.csv").write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    got = {r.info.descendant: r for r in read_bundle(out).results}
+    assert {c.descendant for c in got["toy-copy"].cka} == {"toy-copy"}
+    assert len(got["toy-copy"].cka) == len(got["toy-massive"].cka) == 40
+    assert got["toy-copy"].cka[0].trace == "b:1"
+
+
+def test_massive_csv_is_optional(written: tuple[Path, list[PairResult]]) -> None:
+    out, results = written
+    (out / "massive.csv").unlink()
+    got = read_bundle(out)
+    assert all(r.massive == [] for r in got.results)
+    assert len(got.results[0].cka) == len(results[0].cka)
+
+
+def test_bundles_from_other_tools_bom_crlf_extra_columns(
+    written: tuple[Path, list[PairResult]],
+) -> None:
+    out, results = written
+    lines = (out / "cka.csv").read_text().splitlines()
+    lines = [lines[0] + ",comment", *(line + ",hi" for line in lines[1:])]
+    (out / "cka.csv").write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode())
+    got = read_bundle(out)
+    _assert_same_results(got.results, results)
+
+
+def _replace_line(path: Path, lineno: int, old: str, new: str) -> None:
+    lines = path.read_text().splitlines()
+    assert old in lines[lineno - 1]
+    lines[lineno - 1] = lines[lineno - 1].replace(old, new, 1)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("fname", "lineno", "old", "new", "match"),
+    [
+        (
+            "cka.csv",
+            1,
+            "metric,",
+            "measure,",
+            r"cka\.csv line 1: missing column\(s\) metric; required columns: base, descendant, trace, layer, metric, value",
+        ),
+        ("weights.csv", 1, ",note", "", r"weights\.csv line 1: missing column\(s\) note"),
+        (
+            "cka.csv",
+            3,
+            ",rbf,0.",
+            ",rbf,x0.",
+            r"cka\.csv line 3: column 'value': 'x0\.\d+' is not a number",
+        ),
+        (
+            "weights.csv",
+            2,
+            "64x128",
+            "64 by 128",
+            r"weights\.csv line 2: column 'shape': '64 by 128' is not a shape like 64x128",
+        ),
+        (
+            "cka.csv",
+            4,
+            "toy-base,toy-massive",
+            "toy-base,toy-unknown",
+            r"cka\.csv line 4: base='toy-base', descendant='toy-unknown' is not a pair in results\.json \(known pairs: toy-base/toy-massive, toy-base/toy-copy\)",
+        ),
+        (
+            "massive.csv",
+            2,
+            "toy-base",
+            "stranger",
+            r"massive\.csv line 2: model 'stranger' is neither base nor descendant",
+        ),
+        ("massive.csv", 3, "0;17", "0;x", r"massive\.csv line 3: column 'positions'"),
+    ],
+)
+def test_validation_errors_name_file_line_and_expectation(
+    written: tuple[Path, list[PairResult]], fname: str, lineno: int, old: str, new: str, match: str
+) -> None:
+    out, _ = written
+    _replace_line(out / fname, lineno, old, new)
+    with pytest.raises(BundleError, match=match):
+        read_bundle(out)
+
+
+def test_bad_layer_integer_is_named(written: tuple[Path, list[PairResult]]) -> None:
+    out, _ = written
+    _replace_line(out / "cka.csv", 2, "a:0,0,", "a:0,zero,")
+    with pytest.raises(
+        BundleError, match=r"cka\.csv line 2: column 'layer': 'zero' is not an integer"
+    ):
+        read_bundle(out)
+
+
+@pytest.mark.parametrize("missing", ["weights.csv", "cka.csv", "results.json"])
+def test_missing_file_is_named(written: tuple[Path, list[PairResult]], missing: str) -> None:
+    out, _ = written
+    (out / missing).unlink()
+    with pytest.raises(BundleError, match=rf"{missing}: missing from the bundle"):
+        read_bundle(out)
+
+
+def test_broken_results_json(written: tuple[Path, list[PairResult]], tmp_path: Path) -> None:
+    out, _ = written
+    doc = json.loads((out / "results.json").read_text())
+    del doc["pairs"][0]["info"]["descendant_source"]
+    (out / "results.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match=r"pairs\[0\]\.info: missing key\(s\) descendant_source"):
+        read_bundle(out)
+    (out / "results.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not readable JSON"):
+        read_bundle(out)
+    with pytest.raises(BundleError, match="does not exist"):
+        read_bundle(tmp_path / "nowhere")
+
+
+def test_duplicate_pairs_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="same pair"):
+        write_bundle(tmp_path, [_result("x", 1), _result("x", 2)], [], config={})
+
+
+def test_schema_lists_the_written_columns(written: tuple[Path, list[PairResult]]) -> None:
+    out, _ = written
+    schema = bundle_schema()["files"]
+    for name in ("weights.csv", "cka.csv", "massive.csv"):
+        header = (out / name).read_text().splitlines()[0].split(",")
+        assert header == list(schema[name]["columns"])
+    assert schema["massive.csv"]["required"] is False and schema["cka.csv"]["required"] is True
+
+
+def test_interrupted_write_keeps_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "results.json"
+    target.write_text("old")
+
+    def boom(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bundle_mod.os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, "new" * 1000)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    monkeypatch.undo()
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert os.listdir(tmp_path) == ["results.json"]
