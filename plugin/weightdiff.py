@@ -1,0 +1,332 @@
+"""Per-tensor weight differences between two checkpoints, streamed (METHODS §7).
+
+Tensors are matched by NAME (never by position) and read one pair at a time from the
+safetensors files (single or sharded), upcast to float32, scored, and dropped before
+the next pair: peak memory is about two tensors (plus the metric's temporaries), never
+two models. Tensors that cannot be compared are still reported, by name, with NaN
+metrics and a note:
+
+- ``missing_in_base`` / ``missing_in_descendant``: present on one side only.
+- ``tied``: ``lm_head.weight`` is absent because the config ties it to the input
+  embedding. If exactly one side ties, the other side's lm_head is compared with the
+  tying side's embedding matrix (the effective output layer). If both tie, the record
+  has NaN metrics: the embedding record already covers that matrix.
+- ``resized:<rows>``: an embedding / lm_head whose vocabulary grew or shrank; compared
+  on the first ``<rows>`` shared rows (``shape`` is then the compared shape).
+- ``renamed:<descendant name>``: a name missing on each side that differs only by a
+  known prefix (``model.``, ``transformer.``, ``base_model.model.``) with equal shape;
+  compared. Nothing cleverer (no content matching) is attempted.
+- ``shape_mismatch``: same name, incompatible shapes (``shape`` is the base's).
+
+Non-float tensors (integer buffers such as ``position_ids``, bool masks) are skipped
+silently: they are not weights. A tensor with NaN/Inf raises ``NonFiniteError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import MetricInputError, ModelLoadError, NonFiniteError
+from .metrics.weights import weight_diff_metrics
+from .models import checkpoint_files, read_config
+from .records import WeightRecord
+
+__all__ = ["parse_tensor_name", "stream_weight_diff"]
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.(.+)$")
+_EMBED = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in)\.weight$")
+_LM_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$")
+_PREFIXES = ("base_model.model.", "model.", "transformer.")
+_NAN = float("nan")
+
+
+def parse_tensor_name(name: str) -> tuple[int, str]:
+    """(block index, name inside the block); (-1, full name) outside the blocks."""
+    m = _BLOCK.search(name)
+    if m is None:
+        return -1, name
+    return int(m.group(1)), m.group(2)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    shape: tuple[int, ...]
+    is_float: bool
+    file: str
+
+
+class _Source:
+    """Lazy by-name access to one checkpoint's tensors (safetensors or, opted in, pickle)."""
+
+    def __init__(self, path: Path, *, name: str, allow_pickle: bool, stack: contextlib.ExitStack):
+        self.path = Path(path)
+        self.name = name
+        self.config = read_config(self.path, name=name)
+        files = checkpoint_files(self.path, allow_pickle=allow_pickle, name=name)
+        self.entries: dict[str, _Entry] = {}
+        self._handles: dict[str, Any] = {}
+        for f in files.files:
+            if files.format == "safetensors":
+                self._open_safetensors(f, stack)
+            else:
+                self._open_pickle(f)
+        if files.index is not None:
+            self._check_index(files.index)
+
+    def _add(self, tensor: str, entry: _Entry) -> None:
+        if tensor in self.entries:
+            raise ModelLoadError(
+                f"model {self.name!r}: tensor {tensor} appears in both "
+                f"{self.entries[tensor].file} and {entry.file}"
+            )
+        self.entries[tensor] = entry
+
+    def _open_safetensors(self, f: Path, stack: contextlib.ExitStack) -> None:
+        try:
+            handle = stack.enter_context(safe_open(str(f), framework="pt"))
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                sl = handle.get_slice(key)
+                dtype = str(sl.get_dtype())
+                self._add(key, _Entry(tuple(sl.get_shape()), dtype.startswith(("F", "BF")), f.name))
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # SafetensorError is not importable as a stable type
+            raise ModelLoadError(
+                f"model {self.name!r}: cannot read safetensors file {f} ({exc}); "
+                "it is truncated or corrupt, re-download it"
+            ) from exc
+        self._handles[f.name] = handle
+
+    def _open_pickle(self, f: Path) -> None:
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model {self.name!r}: cannot read pickle file {f}: {exc}"
+            ) from exc
+        if not isinstance(state, dict):
+            raise ModelLoadError(f"model {self.name!r}: {f} does not hold a state dict")
+        for key, t in state.items():
+            if isinstance(t, torch.Tensor):
+                self._add(key, _Entry(tuple(t.shape), t.is_floating_point(), f.name))
+        self._handles[f.name] = state
+
+    def _check_index(self, index: Path) -> None:
+        import json
+
+        weight_map: dict[str, str] = json.loads(index.read_text("utf-8"))["weight_map"]
+        for tensor, shard in sorted(weight_map.items()):
+            entry = self.entries.get(tensor)
+            if entry is None or entry.file != shard:
+                where = "nowhere" if entry is None else entry.file
+                raise ModelLoadError(
+                    f"model {self.name!r}: {index.name} puts {tensor} in {shard}, found {where}"
+                )
+
+    def get(self, tensor: str) -> torch.Tensor:
+        """One tensor as float32; errors name the model, file and tensor."""
+        entry = self.entries[tensor]
+        handle = self._handles[entry.file]
+        try:
+            t: torch.Tensor = (
+                handle[tensor] if isinstance(handle, dict) else handle.get_tensor(tensor)
+            )
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model {self.name!r}: cannot read tensor {tensor} from {entry.file}: {exc}"
+            ) from exc
+        return t.to(torch.float32)
+
+    def ties_embeddings(self) -> bool:
+        """transformers' default is to tie when the config does not say."""
+        for holder in (self.config, self.config.get("text_config") or {}):
+            if isinstance(holder, dict) and "tie_word_embeddings" in holder:
+                return bool(holder["tie_word_embeddings"])
+        return True
+
+    def is_causal_lm(self) -> bool:
+        """Only LM-head architectures have an lm_head to tie (BertModel does not)."""
+        archs = self.config.get("architectures") or []
+        return any(str(x).endswith(("ForCausalLM", "LMHeadModel")) for x in archs)
+
+    def embedding_name(self) -> str | None:
+        names = sorted((n for n in self.entries if _EMBED.search(n)), key=len)
+        return names[0] if names else None
+
+
+@dataclass(frozen=True)
+class _Job:
+    tensor: str  # record name (base name when both exist)
+    base: str | None
+    desc: str | None
+    note: str
+    shape: tuple[int, ...]
+    rows: int | None = None  # compare only the first rows (resized)
+
+
+def stream_weight_diff(
+    base_dir: Path,
+    desc_dir: Path,
+    *,
+    base_name: str,
+    desc_name: str,
+    progress: Callable[[str], None] | None = None,
+    allow_pickle: bool = False,
+) -> list[WeightRecord]:
+    """One ``WeightRecord`` per float tensor name of either checkpoint (see module doc)."""
+    with contextlib.ExitStack() as stack:
+        a = _Source(Path(base_dir), name=base_name, allow_pickle=allow_pickle, stack=stack)
+        b = _Source(Path(desc_dir), name=desc_name, allow_pickle=allow_pickle, stack=stack)
+        jobs = _plan(a, b)
+        records = []
+        for i, job in enumerate(jobs):
+            if progress is not None:
+                progress(f"weights {desc_name} vs {base_name}: {i + 1}/{len(jobs)} {job.tensor}")
+            records.append(_run(job, a, b))
+    return records
+
+
+def _plan(a: _Source, b: _Source) -> list[_Job]:
+    fa = {n: e for n, e in a.entries.items() if e.is_float}
+    fb = {n: e for n, e in b.entries.items() if e.is_float}
+    jobs: list[_Job] = []
+    for n in sorted(fa.keys() & fb.keys()):
+        jobs.append(_same_name(n, fa[n].shape, fb[n].shape))
+    only_a = set(fa) - set(fb)
+    only_b = set(fb) - set(fa)
+    jobs.extend(_tied(a, b, fa, fb, only_a, only_b))
+    jobs.extend(_renamed(fa, fb, only_a, only_b))
+    jobs.extend(_Job(n, n, None, "missing_in_descendant", fa[n].shape) for n in sorted(only_a))
+    jobs.extend(_Job(n, None, n, "missing_in_base", fb[n].shape) for n in sorted(only_b))
+    return sorted(jobs, key=_order)
+
+
+def _order(job: _Job) -> tuple[int, str, str]:
+    layer, component = parse_tensor_name(job.tensor)
+    return layer, component, job.tensor
+
+
+def _same_name(n: str, sa: tuple[int, ...], sb: tuple[int, ...]) -> _Job:
+    if sa == sb:
+        return _Job(n, n, n, "", sa)
+    vocab_like = bool(_EMBED.search(n) or _LM_HEAD.search(n))
+    if vocab_like and len(sa) == len(sb) >= 1 and sa[1:] == sb[1:]:
+        rows = min(sa[0], sb[0])
+        return _Job(n, n, n, f"resized:{rows}", (rows, *sa[1:]), rows=rows)
+    return _Job(n, None, None, "shape_mismatch", sa)  # reported, not compared
+
+
+def _tied(
+    a: _Source,
+    b: _Source,
+    fa: dict[str, _Entry],
+    fb: dict[str, _Entry],
+    only_a: set[str],
+    only_b: set[str],
+) -> Iterator[_Job]:
+    """lm_head absent because of tie_word_embeddings (consumes names from only_a/only_b)."""
+    lm = "lm_head.weight"
+    ea, eb = a.embedding_name(), b.embedding_name()
+    if lm in only_b and lm not in fa and a.ties_embeddings() and ea is not None:
+        only_b.discard(lm)
+        yield _tied_job(lm, ea, lm, fa[ea].shape, fb[lm].shape)
+    elif lm in only_a and lm not in fb and b.ties_embeddings() and eb is not None:
+        only_a.discard(lm)
+        yield _tied_job(lm, lm, eb, fa[lm].shape, fb[eb].shape)
+    elif (
+        lm not in fa
+        and lm not in fb
+        and a.is_causal_lm()
+        and b.is_causal_lm()
+        and a.ties_embeddings()
+        and b.ties_embeddings()
+        and ea is not None
+        and eb is not None
+    ):
+        yield _Job(lm, None, None, "tied", fa[ea].shape)
+
+
+def _tied_job(name: str, base: str, desc: str, sa: tuple[int, ...], sb: tuple[int, ...]) -> _Job:
+    if sa == sb:
+        return _Job(name, base, desc, "tied", sa)
+    return _Job(name, None, None, "tied", sa)  # tied and resized: not comparable
+
+
+def _strip(name: str) -> str:
+    for p in _PREFIXES:
+        if name.startswith(p):
+            return name[len(p) :]
+    return name
+
+
+def _renamed(
+    fa: dict[str, _Entry], fb: dict[str, _Entry], only_a: set[str], only_b: set[str]
+) -> Iterator[_Job]:
+    by_stripped = {_strip(n): n for n in sorted(only_b)}
+    for n in sorted(only_a):
+        other = by_stripped.get(_strip(n))
+        if other is not None and other in only_b and fa[n].shape == fb[other].shape:
+            only_a.discard(n)
+            only_b.discard(other)
+            yield _Job(n, n, other, f"renamed:{other}", fa[n].shape)
+
+
+def _run(job: _Job, a: _Source, b: _Source) -> WeightRecord:
+    layer, component = parse_tensor_name(job.tensor)
+    values = (_NAN, _NAN, _NAN)
+    if job.base is not None and job.desc is not None:
+        x = a.get(job.base)
+        y = b.get(job.desc)
+        if job.rows is not None:
+            x, y = x[: job.rows], y[: job.rows]
+        if x.numel():
+            values = _metrics(x, y, a.name, job.base, b.name, job.desc)
+        del x, y  # drop both before the next pair is read: peak memory is one pair
+    return WeightRecord(
+        base=a.name,
+        descendant=b.name,
+        tensor=job.tensor,
+        layer=layer,
+        component=component,
+        shape=tuple(int(s) for s in job.shape),
+        normalized_diff=values[0],
+        relative_diff=values[1],
+        mean_abs_diff=values[2],
+        note=job.note,
+    )
+
+
+def _metrics(
+    x: torch.Tensor, y: torch.Tensor, base: str, base_tensor: str, desc: str, desc_tensor: str
+) -> tuple[float, float, float]:
+    """The three metrics; a NaN/Inf weight becomes ``NonFiniteError`` naming its model.
+
+    Finiteness is only diagnosed after the metric fails, so the normal path reads each
+    tensor once.
+    """
+    try:
+        normalized, relative, mean_abs = weight_diff_metrics(x, y)
+    except MetricInputError as exc:
+        _check_finite(x, base, base_tensor)
+        _check_finite(y, desc, desc_tensor)
+        raise MetricInputError(
+            f"weights {base_tensor} of {base!r} vs {desc_tensor} of {desc!r}: {exc}"
+        ) from exc
+    return float(normalized), float(relative), float(mean_abs)
+
+
+def _check_finite(t: torch.Tensor, model: str, tensor: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        layer, _ = parse_tensor_name(tensor)
+        raise NonFiniteError(
+            f"model {model!r}: {bad} NaN/Inf values in weight {tensor} (layer {layer})"
+        )
