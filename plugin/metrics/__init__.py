@@ -1,1 +1,70 @@
-"""Pure metric functions (filled in by the metric-core work)."""
+"""Pure metric functions: CKA, PCA views, dominant datapoints, massive activations, weights.
+
+Tensors or numpy arrays in (N x D representations, N tokens), Python floats or tensors
+out; no pytest, no I/O, no globals. Bad input raises
+:class:`reasondiff.errors.MetricInputError` naming the argument, shape and problem.
+Definitions follow docs METHODS.md §2-§7. ``findings`` (verdict math) and ``aggregate``
+(curves over traces) are separate modules and are imported from there.
+
+To reuse one base representation across several descendants, build
+:class:`CkaStats` once (see :mod:`reasondiff.metrics.cka`).
+"""
+
+from .cka import (
+    CkaStats,
+    hsic_biased,
+    hsic_unbiased,
+    linear_cka,
+    linear_cka_and_ablated,
+    linear_cka_features,
+    linear_cka_gram,
+    linear_cka_many,
+    linear_cka_prepared,
+    median_pairwise_distance,
+    rbf_cka,
+    rbf_cka_prepared,
+)
+from .dominant import (
+    cka_without,
+    dominant_datapoints,
+    projection_norm_correlation,
+    top_norm_overlap,
+)
+from .massive import MassiveActivations, massive_activations
+from .pca import pc1_carried_share, pc1_projection, pc1_share, pca_form_cka, pca_form_terms
+from .weights import (
+    mean_abs_weight_diff,
+    normalized_weight_diff,
+    relative_weight_diff,
+    weight_diff_metrics,
+)
+
+__all__ = [
+    "CkaStats",
+    "MassiveActivations",
+    "cka_without",
+    "dominant_datapoints",
+    "hsic_biased",
+    "hsic_unbiased",
+    "linear_cka",
+    "linear_cka_and_ablated",
+    "linear_cka_features",
+    "linear_cka_gram",
+    "linear_cka_many",
+    "linear_cka_prepared",
+    "massive_activations",
+    "mean_abs_weight_diff",
+    "median_pairwise_distance",
+    "normalized_weight_diff",
+    "pc1_carried_share",
+    "pc1_projection",
+    "pc1_share",
+    "pca_form_cka",
+    "pca_form_terms",
+    "projection_norm_correlation",
+    "rbf_cka",
+    "rbf_cka_prepared",
+    "relative_weight_diff",
+    "top_norm_overlap",
+    "weight_diff_metrics",
+]

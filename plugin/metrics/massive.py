@@ -1,0 +1,90 @@
+"""Massive activations (Sun et al. 2024; METHODS.md §6): which tokens carry them.
+
+An activation a of a layer's N x D hidden states is massive when |a| > ``threshold``
+(100) and |a| > ``ratio`` (1000) x the median |activation| of that whole layer. Works in
+the input's own floating dtype (|a| is exact there; no float64 copy of a large layer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import MetricInputError
+from ._validate import Matrix, as_matrix
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class MassiveActivations:
+    """Massive activations of one N x D representation.
+
+    Attributes:
+        positions: sorted unique token positions (rows) carrying at least one.
+        indices: (M, 2) int64 (row, dim) of each massive activation, row-major order.
+        values: (M,) their signed values, in the input's dtype.
+        median_abs: median |a| over the whole N x D matrix (mean of the two middle values).
+        max_abs: max |a| over the whole matrix.
+        cutoff: the |a| a value had to exceed: max(threshold, ratio x median_abs).
+    """
+
+    positions: tuple[int, ...]
+    indices: Tensor
+    values: Tensor
+    median_abs: float
+    max_abs: float
+    cutoff: float
+
+    @property
+    def count(self) -> int:
+        """Number of massive activations (not positions)."""
+        return int(self.values.numel())
+
+
+def _check_nonneg(v: float, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v >= 0):
+        raise MetricInputError(f"{name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def _median(a: Tensor) -> float:
+    flat = a.reshape(-1)
+    m = flat.numel()
+    lo = float(torch.kthvalue(flat, (m + 1) // 2).values)
+    hi = float(torch.kthvalue(flat, m // 2 + 1).values) if m % 2 == 0 else lo
+    return 0.5 * (lo + hi)
+
+
+def massive_activations(
+    x: Matrix, *, threshold: float = 100.0, ratio: float = 1000.0
+) -> MassiveActivations:
+    """Find activations with |a| > threshold and |a| > ratio x median |a| (Sun et al.).
+
+    Both conditions must hold: the absolute one keeps small-scale layers (median ~1e-3)
+    from flagging ordinary values, the relative one keeps large-scale layers from
+    flagging everything. A layer whose median |a| is 0 (mostly zeros) is judged by the
+    threshold alone.
+
+    Raises:
+        MetricInputError: not 2-D, empty, NaN/Inf, or a negative / non-finite threshold
+            or ratio.
+    """
+    thr = _check_nonneg(threshold, "threshold")
+    rat = _check_nonneg(ratio, "ratio")
+    xt = as_matrix(x, "x", dtype=None, min_rows=1, require_variance=False)
+    a = xt.abs()
+    med = _median(a)
+    cutoff = max(thr, rat * med)
+    hit = a > cutoff
+    idx = torch.nonzero(hit)
+    return MassiveActivations(
+        positions=tuple(int(i) for i in torch.unique(idx[:, 0]).tolist()),  # type: ignore[no-untyped-call]
+        indices=idx,
+        values=xt[hit],
+        median_abs=med,
+        max_abs=float(a.max()),
+        cutoff=cutoff,
+    )

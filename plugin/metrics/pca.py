@@ -1,0 +1,149 @@
+"""Principal-component views of CKA (METHODS.md §4-§5): what the first PC carries.
+
+- :func:`pc1_projection` |(x_i - mean) . v1| per token, :func:`pc1_share` PC1's
+  explained-variance share;
+- :func:`pca_form_terms` / :func:`pca_form_cka`: the biased linear CKA written as
+  sum_ij lambda_X^i lambda_Y^j <u_X^i, u_Y^j>^2 / (||lambda_X|| ||lambda_Y||) (the study's
+  Appendix B.1), an explanation tool;
+- :func:`pc1_carried_share`: the share of that sum carried by the PC1 x PC1 term.
+
+Every function accepts an N x D matrix or a :class:`~reasondiff.metrics.cka.CkaStats`
+(whose PC1 is computed once and cached). PC1 is the top eigenpair of the
+smaller of the centred Gram matrix (N x N) and the covariance (D x D), in float64, found
+by block subspace iteration (see :func:`_top_eigenpair`). When
+the top eigenvalue is repeated, PC1 is not unique and the projection is one valid choice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MetricInputError
+from ._validate import Matrix, as_pair
+from .cka import CkaStats
+
+Tensor = torch.Tensor
+
+
+def _top_eigenpair(a: Tensor, *, tol: float = 1e-12, max_iter: int = 150) -> tuple[float, Tensor]:
+    """Largest eigenvalue and its unit eigenvector of a symmetric PSD matrix (float64).
+
+    Block subspace iteration (16 vectors, fixed seed, so deterministic) with a
+    Rayleigh-Ritz step, stopped when the residual ||A v - theta v|| <= tol x theta; costs a
+    few m^2 x 16 products instead of a full O(m^3) eigendecomposition, which matters
+    for m ~ 2000 tokens on a CPU. Falls back to ``eigh`` for small m, for a zero
+    matrix, or when PC1 is (nearly) degenerate and the iteration does not converge.
+    """
+    m = a.shape[0]
+    if m > 64:
+        gen = torch.Generator().manual_seed(0)
+        block = torch.randn(m, min(16, m), generator=gen, dtype=a.dtype).to(a.device)
+        block = a @ block
+        for _ in range(max_iter):
+            q, _ = torch.linalg.qr(block)
+            aq = a @ q
+            t = q.T @ aq
+            w, s = torch.linalg.eigh(0.5 * (t + t.T))
+            theta = float(w[-1])
+            if not theta > 0.0:
+                break
+            v = q @ s[:, -1]
+            res = float(torch.linalg.vector_norm(aq @ s[:, -1] - theta * v))
+            if res <= tol * theta:
+                return theta, v
+            block = aq
+    evals, evecs = torch.linalg.eigh(a)
+    return max(float(evals[-1]), 0.0), evecs[:, -1]
+
+
+def _pc1(s: CkaStats) -> tuple[Tensor, float, float]:
+    """(signed projections Xc v1, top eigenvalue sigma_1^2, total variance ||Xc||_F^2)."""
+    if s.pc1_cache is None:
+        n, d = s.shape
+        if s.gram is not None and n <= d:
+            lam, u = _top_eigenpair(s.gram + torch.diag(s.r))
+            p = u * lam**0.5
+        else:
+            lam, v = _top_eigenpair(s.cov)
+            p = s.xc @ v
+        # fix the arbitrary sign (largest |p| positive) so results are reproducible
+        if float(p[int(torch.argmax(p.abs()))]) < 0:
+            p = -p
+        s.pc1_cache = (p, lam, float(s.r.sum()))
+    return s.pc1_cache
+
+
+def _stats(x: Matrix | CkaStats, name: str = "x") -> CkaStats:
+    return CkaStats.from_matrix(x, name=name)
+
+
+def pc1_projection(x: Matrix | CkaStats) -> Tensor:
+    """p_i = |(x_i - mean) . v1| for each token (float64, length N).
+
+    Absolute value because the sign of a principal direction is arbitrary (the reference
+    code ranked by the signed projection, so a sign flip changed its dominant tokens).
+    """
+    return _pc1(_stats(x))[0].abs()
+
+
+def pc1_share(x: Matrix | CkaStats) -> float:
+    """Explained-variance share of PC1: sigma_1^2 / sum_i sigma_i^2 = lambda_1 / tr(Xc^T Xc)."""
+    _, lam, total = _pc1(_stats(x))
+    return lam / total
+
+
+def pca_form_terms(x: Matrix, y: Matrix) -> Tensor:
+    """The matrix of terms lambda_X^i lambda_Y^j <u_X^i, u_Y^j>^2 / (||lambda_X|| ||lambda_Y||).
+
+    u are unit principal components in sample space (left singular vectors of the
+    centred matrices), lambda the explained-variance fractions sigma_i^2 / sum sigma^2.
+    The terms sum to the biased linear CKA; entry [0, 0] is the PC1 x PC1 term.
+    Shape min(N, D_x) x min(N, D_y), float64. Cost: two thin SVDs.
+    """
+    xt, yt = as_pair(x, y, min_rows=2)
+    ux, sx, _ = torch.linalg.svd(xt - xt.mean(0), full_matrices=False)
+    uy, sy, _ = torch.linalg.svd(yt - yt.mean(0), full_matrices=False)
+    lx = sx**2 / (sx**2).sum()
+    ly = sy**2 / (sy**2).sum()
+    overlap = (ux.T @ uy) ** 2
+    norm = float(lx.square().sum().sqrt() * ly.square().sum().sqrt())
+    terms: Tensor = lx[:, None] * ly[None, :] * overlap / norm
+    return terms
+
+
+def pca_form_cka(x: Matrix, y: Matrix) -> float:
+    """Biased linear CKA in its principal-component form (METHODS §4).
+
+    CKA_biased(X, Y) = sum_ij lambda_X^i lambda_Y^j <u_X^i, u_Y^j>^2 / (||lambda_X|| ||lambda_Y||);
+    equals ``linear_cka(x, y, debiased=False)`` to round-off.
+    """
+    return float(pca_form_terms(x, y).sum())
+
+
+def pc1_carried_share(x: Matrix | CkaStats, y: Matrix | CkaStats) -> float:
+    """Share of the biased linear CKA carried by its PC1 x PC1 term, in [0, 1].
+
+    With C = Xc^T Yc the term over the total is (v_X1^T C v_Y1)^2 / ||C||_F^2
+    = ((Xc v_X1) . (Yc v_Y1))^2 / ||Xc^T Yc||_F^2, so no full PCA is needed. Near 1 when
+    one direction (e.g. a massive-activation token) dominates both representations.
+
+    Raises:
+        MetricInputError: shapes disagree, or Xc^T Yc = 0 (biased CKA is 0, no share).
+    """
+    sx, sy = _stats(x, "x"), _stats(y, "y")
+    if sx.n != sy.n:
+        raise MetricInputError(
+            f"x and y must have the same number of rows (tokens): {sx.describe()} vs {sy.describe()}"
+        )
+    px, py = _pc1(sx)[0], _pc1(sy)[0]
+    if sx.gram is not None and sy.gram is not None:
+        total = torch.dot(sx.gram.reshape(-1), sy.gram.reshape(-1)) + torch.dot(sx.r, sy.r)
+    else:
+        c = sx.xc.T @ sy.xc
+        total = torch.dot(c.reshape(-1), c.reshape(-1))
+    if not float(total) > 0.0:
+        raise MetricInputError(
+            f"pc1_carried_share: Xc^T Yc is 0 for {sx.describe()} and {sy.describe()} "
+            "(biased CKA = 0), so no share of it can be carried"
+        )
+    return min(1.0, float(torch.dot(px, py) ** 2 / total))
