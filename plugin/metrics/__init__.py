@@ -7,31 +7,28 @@ Definitions follow docs METHODS.md §2-§7. ``findings`` (verdict math) and ``ag
 (curves over traces) are separate modules and are imported from there.
 
 To reuse one base representation across several descendants, build
-:class:`CkaStats` once (see :mod:`reasondiff.metrics.cka`).
+:class:`CkaStats` once (see :mod:`reasondiff.metrics.prepared`).
 """
 
-from .cka import (
-    CkaStats,
-    hsic_biased,
-    hsic_unbiased,
-    linear_cka,
-    linear_cka_and_ablated,
-    linear_cka_features,
-    linear_cka_gram,
-    linear_cka_many,
-    linear_cka_prepared,
-    median_pairwise_distance,
-    rbf_cka,
-    rbf_cka_prepared,
-)
+from ._median import median_pairwise_distance
+from .cka import linear_cka, linear_cka_features, linear_cka_gram
 from .dominant import (
     cka_without,
     dominant_datapoints,
     projection_norm_correlation,
     top_norm_overlap,
 )
+from .hsic import hsic_biased, hsic_unbiased
 from .massive import MassiveActivations, massive_activations
 from .pca import pc1_carried_share, pc1_projection, pc1_share, pca_form_cka, pca_form_terms
+from .prepared import (
+    CkaStats,
+    linear_cka_and_ablated,
+    linear_cka_many,
+    linear_cka_prepared,
+    rbf_cka_prepared,
+)
+from .rbf import rbf_cka
 from .weights import (
     mean_abs_weight_diff,
     normalized_weight_diff,

@@ -6,7 +6,7 @@ keep-mask (the reference code's ``X[~top_indices]`` with integer indices kept |U
 the end of the trace instead). :func:`top_norm_overlap` and
 :func:`projection_norm_correlation` say whether the dominant tokens are simply the tokens
 with the largest norm (massive activations). Inputs are N x D matrices or
-:class:`~reasondiff.metrics.cka.CkaStats`; with stats, the linear ablation downdates the
+:class:`~reasondiff.metrics.prepared.CkaStats`; with stats, the linear ablation downdates the
 statistics instead of recomputing them.
 """
 
@@ -19,8 +19,10 @@ import torch
 
 from ..errors import MetricInputError
 from ._validate import Indices, Matrix, as_indices, as_pair, check_k
-from .cka import CkaStats, linear_cka, linear_cka_prepared, rbf_cka
+from .cka import linear_cka
 from .pca import pc1_projection
+from .prepared import CkaStats, linear_cka_prepared
+from .rbf import rbf_cka
 
 Tensor = torch.Tensor
 

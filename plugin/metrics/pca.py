@@ -7,7 +7,7 @@
   Appendix B.1), an explanation tool;
 - :func:`pc1_carried_share`: the share of that sum carried by the PC1 x PC1 term.
 
-Every function accepts an N x D matrix or a :class:`~reasondiff.metrics.cka.CkaStats`
+Every function accepts an N x D matrix or a :class:`~reasondiff.metrics.prepared.CkaStats`
 (whose PC1 is computed once and cached). PC1 is the top eigenpair of the
 smaller of the centred Gram matrix (N x N) and the covariance (D x D), in float64, found
 by block subspace iteration (see :func:`_top_eigenpair`). When
@@ -20,7 +20,7 @@ import torch
 
 from ..errors import MetricInputError
 from ._validate import Matrix, as_pair
-from .cka import CkaStats
+from .prepared import CkaStats
 
 Tensor = torch.Tensor
 
