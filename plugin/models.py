@@ -242,6 +242,22 @@ def _index_files(index: Path, who: str) -> tuple[Path, ...]:
     return files
 
 
+def _check_safetensors_headers(files: tuple[Path, ...], *, who: str) -> None:
+    """Open each file's header (cheap, no tensor data) so that a truncated or corrupt file
+    is a ``ModelLoadError`` naming it, not a bare ``SafetensorError`` from transformers."""
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError, OSError: the file is unusable either way
+            raise ModelLoadError(
+                f"{who}: cannot read safetensors file {f.name} ({_first_line(exc)}); "
+                "it is truncated or corrupt, re-download it"
+            ) from exc
+
+
 def _check_remote_code(cfg: dict[str, Any], *, who: str, trust_remote_code: bool) -> None:
     if cfg.get("auto_map") and not trust_remote_code:
         raise ModelLoadError(
@@ -353,8 +369,12 @@ def load_model(
     cfg_dict = read_config(path, name=name)
     _check_remote_code(cfg_dict, who=who, trust_remote_code=trust_remote_code)
     files = checkpoint_files(path, allow_pickle=allow_pickle, name=name)
+    if files.format == "safetensors":
+        _check_safetensors_headers(files.files, who=who)
     dev = pick_device(device)
     torch_dtype = _pick_dtype(dtype, dev)
+
+    import pickle
 
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -375,6 +395,13 @@ def load_model(
                 use_safetensors=files.format == "safetensors",
                 weights_only=True,
             )
+        except pickle.UnpicklingError as exc:
+            names = ", ".join(f.name for f in files.files)
+            raise ModelLoadError(
+                f"{who}: refusing pickle weights {names}: they hold more than plain tensors "
+                f"(weights_only=True rejected them: {_first_line(exc)}); convert the checkpoint "
+                "to safetensors from a trusted copy"
+            ) from exc
         except (ValueError, KeyError, OSError, RuntimeError) as exc:
             raise ModelLoadError(
                 f"{who}: {auto_cls.__name__} cannot load it (architectures {archs or 'unset'}): {exc}"

@@ -183,7 +183,9 @@ class ReportData:
     curves: dict[str, dict[str, Curve]] = field(default_factory=dict)
     weight_layers: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     weight_other: dict[str, dict[str, float]] = field(default_factory=dict)
-    weight_summary: dict[str, dict[str, float]] = field(default_factory=dict)  # mean_diff, localization
+    weight_summary: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # mean_diff, localization
     cache: CacheStats = field(default_factory=CacheStats)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)

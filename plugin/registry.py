@@ -117,8 +117,10 @@ class Registry:
             p = Path(path)
             try:
                 sources.append((str(p), p.read_text("utf-8")))
-            except OSError as exc:
-                raise RegistryError(f"cannot read registry file {p}: {exc.strerror or exc}") from exc
+            except (OSError, UnicodeDecodeError) as exc:
+                raise RegistryError(
+                    f"cannot read registry file {p}: {getattr(exc, 'strerror', None) or exc}"
+                ) from exc
         for name, text in sources:
             try:
                 data = tomllib.loads(text)
@@ -203,7 +205,10 @@ def _parse_into(
         _check_keys(name, f"groups.{gname}", g, _GROUP_KEYS)
         expect = _expect(name, f"groups.{gname}", g.get("expect", {}), GROUP_FINDINGS)
         groups[gname] = GroupSpec(
-            name=gname, description=str(g.get("description", "")), traces=g.get("traces"), expect=expect
+            name=gname,
+            description=str(g.get("description", "")),
+            traces=g.get("traces"),
+            expect=expect,
         )
     for key, m in data.get("models", {}).items():
         where = f"models.{key}"
@@ -212,7 +217,9 @@ def _parse_into(
             raise RegistryError(f"{name}: [{where}] has no 'source' (hub id, path or toy:<recipe>)")
         method = m.get("method")
         if method is not None and method not in METHODS:
-            raise RegistryError(f"{name}: [{where}] method {method!r} is not one of {', '.join(METHODS)}")
+            raise RegistryError(
+                f"{name}: [{where}] method {method!r} is not one of {', '.join(METHODS)}"
+            )
         groups_of = m.get("groups", [])
         if isinstance(groups_of, str):
             groups_of = [groups_of]

@@ -106,8 +106,17 @@ class _Source:
         self._handles[f.name] = handle
 
     def _open_pickle(self, f: Path) -> None:
+        import pickle
+
         try:
             state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelLoadError(
+                f"model {self.name!r}: refusing pickle file {f}: it holds more than plain "
+                f"tensors (weights_only=True rejected it: {first}); convert the checkpoint "
+                "to safetensors from a trusted copy"
+            ) from exc
         except Exception as exc:
             raise ModelLoadError(
                 f"model {self.name!r}: cannot read pickle file {f}: {exc}"
