@@ -1,0 +1,337 @@
+"""Trace sets: the token sequences both models of a pair see (METHODS §1).
+
+A trace set is a JSONL file, one trace per line::
+
+    {"reasondiff_traces": 1, "name": "toy-a", "tokenizer": "sha256:..."}   <- optional header
+    {"id": "a-000", "text": "<|bos|>user: ...", "token_ids": [1, 52, 6, ...]}
+
+The optional first line names the set and the identity of the tokenizer that produced
+``token_ids`` (:func:`tokenizer_identity`, a content hash; ``null`` = unknown). Without
+a header the set is named after the file and its tokenizer is unknown.
+Contract for ``text``: it is the full decoded sequence *including* special tokens
+(BOS, ``<think>``), so ``tokenizer(text, add_special_tokens=False)`` reproduces
+``token_ids`` -- that is how a set is re-tokenized for a model with another tokenizer.
+
+This module reads, writes, validates, truncates and re-tokenizes; it does not load
+models and does not generate traces (``reasondiff.generate`` does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import TokenizerMismatch, TraceError
+
+HEADER_KEY = "reasondiff_traces"
+FORMAT_VERSION = 1
+#: Debiased CKA needs N > 3 tokens (METHODS §2); shorter traces are refused on load.
+MIN_TRACE_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One token sequence; ``text`` is for display and re-tokenization."""
+
+    id: str
+    text: str
+    token_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.token_ids, tuple):
+            object.__setattr__(self, "token_ids", tuple(self.token_ids))
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class TraceSet:
+    """Named, ordered traces plus the identity of the tokenizer behind their ids."""
+
+    name: str
+    traces: tuple[Trace, ...]
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.traces, tuple):
+            object.__setattr__(self, "traces", tuple(self.traces))
+
+    def __len__(self) -> int:
+        return len(self.traces)
+
+    def __iter__(self) -> Iterator[Trace]:
+        return iter(self.traces)
+
+    @property
+    def ids(self) -> list[str]:
+        return [t.id for t in self.traces]
+
+
+# ---------------------------------------------------------------- identity and hash
+def tokenizer_identity(tokenizer: Any) -> str:
+    """A content hash of what maps text to ids (not the chat template, not the path).
+
+    Two tokenizers with the same identity produce the same ids for every text, so a
+    trace set made with one needs no re-tokenization for the other.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        payload = backend.to_str()
+    elif hasattr(tokenizer, "get_vocab"):
+        payload = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    else:
+        raise TraceError(
+            f"cannot identify tokenizer of type {type(tokenizer).__name__}: "
+            "it has neither a backend_tokenizer nor get_vocab()"
+        )
+    return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def trace_set_hash(trace_set: TraceSet) -> str:
+    """Content hash of the trace ids and token ids, in order (for cache keys).
+
+    The name, text and tokenizer identity are left out: two sets with the same tokens
+    give the same activations.
+    """
+    h = hashlib.sha256()
+    for t in trace_set.traces:
+        h.update(t.id.encode("utf-8"))
+        h.update(b"\0")
+        h.update(",".join(map(str, t.token_ids)).encode("ascii"))
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- load / save
+def load_trace_set(path: str | os.PathLike[str], *, name: str | None = None) -> TraceSet:
+    """Read and validate a JSONL trace set; every error names the file and line."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise TraceError(f"trace set file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"cannot read trace set file {p}: {exc}") from exc
+
+    set_name, tokenizer = p.stem, None
+    traces: list[Trace] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{p}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TraceError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise TraceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if HEADER_KEY in obj:
+            if traces or seen:
+                raise TraceError(f"{where}: the header line ({HEADER_KEY!r}) must come first")
+            set_name, tokenizer = _parse_header(obj, where, default_name=set_name)
+            continue
+        trace = _parse_trace(obj, where)
+        if trace.id in seen:
+            raise TraceError(
+                f"{where}: duplicate trace id {trace.id!r} (first on line {seen[trace.id]})"
+            )
+        seen[trace.id] = lineno
+        traces.append(trace)
+    if not traces:
+        raise TraceError(f"trace set file {p} contains no traces")
+    return TraceSet(name=name or set_name, traces=tuple(traces), tokenizer=tokenizer)
+
+
+def _parse_header(obj: dict[str, Any], where: str, *, default_name: str) -> tuple[str, str | None]:
+    version = obj[HEADER_KEY]
+    if version != FORMAT_VERSION:
+        raise TraceError(
+            f"{where}: trace set format version {version!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    name = obj.get("name", default_name)
+    tokenizer = obj.get("tokenizer")
+    if not isinstance(name, str) or not name:
+        raise TraceError(f"{where}: header 'name' must be a non-empty string, got {name!r}")
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise TraceError(f"{where}: header 'tokenizer' must be a string or null, got {tokenizer!r}")
+    return name, tokenizer
+
+
+def _parse_trace(obj: dict[str, Any], where: str) -> Trace:
+    missing = [k for k in ("id", "text", "token_ids") if k not in obj]
+    if missing:
+        raise TraceError(
+            f"{where}: trace is missing key(s) {', '.join(missing)} "
+            f"(expected id, text, token_ids; found {', '.join(sorted(obj)) or 'none'})"
+        )
+    tid, text, ids = obj["id"], obj["text"], obj["token_ids"]
+    if not isinstance(tid, str) or not tid:
+        raise TraceError(f"{where}: trace 'id' must be a non-empty string, got {tid!r}")
+    if not isinstance(text, str):
+        raise TraceError(
+            f"{where}: trace {tid!r}: 'text' must be a string, got {type(text).__name__}"
+        )
+    if not isinstance(ids, list):
+        raise TraceError(
+            f"{where}: trace {tid!r}: 'token_ids' must be a list, got {type(ids).__name__}"
+        )
+    for pos, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise TraceError(
+                f"{where}: trace {tid!r}: token_ids[{pos}] = {t!r} is not a non-negative integer"
+            )
+    if not ids:
+        raise TraceError(f"{where}: trace {tid!r} is empty (no token_ids)")
+    if len(ids) < MIN_TRACE_TOKENS:
+        raise TraceError(
+            f"{where}: trace {tid!r} has {len(ids)} tokens; at least {MIN_TRACE_TOKENS} are needed "
+            "(debiased CKA needs N > 3)"
+        )
+    return Trace(id=tid, text=text, token_ids=tuple(ids))
+
+
+def save_trace_set(path: str | os.PathLike[str], trace_set: TraceSet) -> None:
+    """Write ``trace_set`` (with a header line) atomically: temp file, then ``os.replace``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    header = {HEADER_KEY: FORMAT_VERSION, "name": trace_set.name, "tokenizer": trace_set.tokenizer}
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(header, ensure_ascii=False) + "\n")
+            for t in trace_set.traces:
+                row = {"id": t.id, "text": t.text, "token_ids": list(t.token_ids)}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- transforms
+def truncate(trace_set: TraceSet, max_tokens: int) -> tuple[TraceSet, list[str]]:
+    """Cut every trace to its first ``max_tokens`` ids; one visible note per cut trace.
+
+    ``text`` is kept whole (it is for display); only ``token_ids`` are cut.
+    """
+    if max_tokens < MIN_TRACE_TOKENS:
+        raise TraceError(
+            f"--max-tokens {max_tokens} is too small; at least {MIN_TRACE_TOKENS} tokens are needed"
+        )
+    notes: list[str] = []
+    out: list[Trace] = []
+    for t in trace_set.traces:
+        if len(t.token_ids) > max_tokens:
+            notes.append(
+                f"trace {t.id!r} of set {trace_set.name!r} has {len(t.token_ids)} tokens; "
+                f"truncated to the first {max_tokens} (--max-tokens)"
+            )
+            t = replace(t, token_ids=t.token_ids[:max_tokens])
+        out.append(t)
+    return replace(trace_set, traces=tuple(out)), notes
+
+
+def token_ids_for_pair(
+    trace_set: TraceSet,
+    base_tokenizer: Any,
+    desc_tokenizer: Any,
+    *,
+    base_name: str,
+    desc_name: str,
+    vocab_size_base: int | None,
+    vocab_size_desc: int | None,
+) -> TraceSet:
+    """The token ids both models of a pair will see, checked (METHODS §1).
+
+    If the set was made with another tokenizer than the base's (or an unknown one), the
+    text is re-tokenized with the base's. A descendant tokenizer with another identity
+    must produce the same ids, else :class:`TokenizerMismatch`. Ids outside either
+    model's embedding table raise :class:`TraceError` (a vocab size of ``None`` skips
+    that check). ``desc_tokenizer=None`` means the descendant uses the base's tokenizer.
+    """
+    base_ident = tokenizer_identity(base_tokenizer)
+    desc_ident = base_ident if desc_tokenizer is None else tokenizer_identity(desc_tokenizer)
+    out: list[Trace] = []
+    for t in trace_set.traces:
+        if trace_set.tokenizer == base_ident:
+            ids = t.token_ids
+        else:
+            ids = _encode(base_tokenizer, t, model=base_name)
+        if desc_ident != base_ident:
+            desc_ids = _encode(desc_tokenizer, t, model=desc_name)
+            if desc_ids != ids:
+                raise _mismatch(
+                    t, ids, desc_ids, base_tokenizer, desc_tokenizer, base_name, desc_name
+                )
+        _check_vocab(t.id, ids, base_name, vocab_size_base)
+        _check_vocab(t.id, ids, desc_name, vocab_size_desc)
+        out.append(t if ids == t.token_ids else replace(t, token_ids=ids))
+    return TraceSet(name=trace_set.name, traces=tuple(out), tokenizer=base_ident)
+
+
+def _encode(tokenizer: Any, trace: Trace, *, model: str) -> tuple[int, ...]:
+    if not trace.text:
+        raise TraceError(
+            f"trace {trace.id!r} has no text, so it cannot be re-tokenized for model {model!r}"
+        )
+    ids = tuple(int(i) for i in tokenizer(trace.text, add_special_tokens=False)["input_ids"])
+    if len(ids) < MIN_TRACE_TOKENS:
+        raise TraceError(
+            f"trace {trace.id!r} re-tokenized for model {model!r} has {len(ids)} tokens; "
+            f"at least {MIN_TRACE_TOKENS} are needed"
+        )
+    return ids
+
+
+def _check_vocab(trace_id: str, ids: Sequence[int], model: str, vocab_size: int | None) -> None:
+    if vocab_size is None:
+        return
+    for pos, tok in enumerate(ids):
+        if tok >= vocab_size:
+            raise TraceError(
+                f"trace {trace_id!r}: token id {tok} at position {pos} is outside the "
+                f"vocabulary of model {model!r} (vocab size {vocab_size})"
+            )
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def _show(tokenizer: Any, ids: Sequence[int], pos: int) -> str:
+    if pos >= len(ids):
+        return "<end of trace>"
+    piece = ""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is not None:
+        piece = f" {convert(int(ids[pos]))!r}"
+    return f"{ids[pos]}{piece}"
+
+
+def _mismatch(
+    trace: Trace,
+    base_ids: Sequence[int],
+    desc_ids: Sequence[int],
+    base_tok: Any,
+    desc_tok: Any,
+    base_name: str,
+    desc_name: str,
+) -> TokenizerMismatch:
+    pos = _first_difference(base_ids, desc_ids)
+    return TokenizerMismatch(
+        f"tokenizers of base {base_name!r} and descendant {desc_name!r} disagree on trace "
+        f"{trace.id!r} at position {pos}: base has {_show(base_tok, base_ids, pos)}, "
+        f"descendant has {_show(desc_tok, desc_ids, pos)} (lengths {len(base_ids)} vs "
+        f"{len(desc_ids)}); both models must see identical token ids"
+    )
