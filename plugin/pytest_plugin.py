@@ -1,1 +1,364 @@
-"""reasondiff's pytest plugin (placeholder until the plugin lands)."""
+"""reasondiff's pytest plugin: options, pair parametrization, fixtures, xdist merge, report.
+
+This layer is thin on purpose: it parses options (``options.py``), keeps one
+``DiffSession`` on ``config.stash`` (``session.py``), parametrizes tests that take a
+``pair`` (one test per base/descendant pair, id = ``PairSpec.pair_id``) or a
+``base_subject`` (group-level findings, id = ``base:<key>``), and at the end merges the
+xdist workers' results, writes the bundle and prints the report. Importing it is cheap:
+no torch, no transformers, no metrics until a test asks for a result.
+
+Fixtures for finding tests: ``diff_session``, ``diff_options``, ``pair_result``,
+``group_results``, ``finding`` (a :class:`FindingCheck`) and ``curve_snapshot``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .errors import ModelUnavailable, ReasondiffError
+from .options import DiffOptions, add_options, options_from_config
+from .records import CkaRecord, Curve, PairResult, Verdict, WeightRecord
+from .registry import PairSpec
+from .session import DiffSession, GroupSubject
+from .xdist_support import (
+    apply_loadgroup_on_worker,
+    default_to_loadgroup,
+    pack_worker_output,
+    tell_worker_about_loadgroup,
+    unpack_worker_output,
+    worker_count,
+    worker_id,
+)
+
+SESSION_KEY = pytest.StashKey[DiffSession]()
+_WORKER_OUTPUT_KEY = "reasondiff"
+
+
+# ---------------------------------------------------------------------- options / set-up
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_cmdline_main(config: pytest.Config) -> Generator[None, Any, Any]:
+    # Before xdist turns "-n N without --dist" into --dist load: keep pairs together.
+    default_to_loadgroup(config)
+    return (yield)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    tell_worker_about_loadgroup(node)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "xdist_group(name): keep these tests on one xdist worker")
+    apply_loadgroup_on_worker(config)
+    if config.option.collectonly and hasattr(config.option, "disable_unused_snapshots"):
+        # syrupy 7 counts every curve snapshot as unused under --collect-only (nothing
+        # ran) and fails the run; a collection listing must not fail.
+        config.option.disable_unused_snapshots = True
+    if config.option.help or getattr(config.option, "version", False):
+        return
+    options = options_from_config(config)
+    try:
+        bundle = None
+        if options.from_results:
+            from .bundle import read_bundle
+
+            bundle = read_bundle(options.from_results)
+        session = DiffSession.create(
+            options, worker=worker_id(config), worker_count=worker_count(config), bundle=bundle
+        )
+    except ReasondiffError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[SESSION_KEY] = session
+
+
+def _session(config: pytest.Config) -> DiffSession:
+    try:
+        return config.stash[SESSION_KEY]
+    except KeyError:
+        raise pytest.UsageError("reasondiff: the plugin was not configured for this run") from None
+
+
+# ---------------------------------------------------------------------- parametrization
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One test per selected pair (``pair``) or per base (``base_subject``)."""
+    if "pair" in metafunc.fixturenames:
+        session = _session(metafunc.config)
+        metafunc.parametrize(
+            "pair",
+            [
+                pytest.param(p, id=p.pair_id, marks=pytest.mark.xdist_group(p.pair_id))
+                for p in session.pairs
+            ],
+        )
+    if "base_subject" in metafunc.fixturenames:
+        session = _session(metafunc.config)
+        metafunc.parametrize(
+            "base_subject",
+            [
+                pytest.param(s, id=s.subject, marks=pytest.mark.xdist_group(s.subject))
+                for s in session.group_subjects()
+            ],
+        )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group-level tests last, so the pairs they pool are usually computed already."""
+    items.sort(key=lambda it: "base_subject" in getattr(it, "fixturenames", ()))
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def diff_session(pytestconfig: pytest.Config) -> DiffSession:
+    """The process's :class:`DiffSession` (registry, caches, results, verdicts)."""
+    return _session(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def diff_options(diff_session: DiffSession) -> DiffOptions:
+    """Parsed reasondiff options (thresholds, tolerances, device, ...)."""
+    return diff_session.options
+
+
+def obtain_result(session: DiffSession, pair: PairSpec) -> PairResult:
+    """``session.pair_result`` with missing weights as a skip (or failure) and errors in one line."""
+    __tracebackhide__ = True
+    try:
+        return session.pair_result(pair)
+    except ModelUnavailable as exc:
+        # Registry models may be absent on this machine; models named on the command
+        # line (--base/--candidate) were asked for explicitly, so their absence fails.
+        if session.options.require_models or session.options.adhoc:
+            why = "--require-models" if session.options.require_models else "--base/--candidate"
+            pytest.fail(f"{pair.pair_id}: {_one_line(str(exc))} ({why})", pytrace=False)
+        pytest.skip(f"{pair.pair_id}: {_one_line(str(exc))}")
+    except ReasondiffError as exc:
+        pytest.fail(f"{pair.pair_id}: {type(exc).__name__}: {_one_line(str(exc))}", pytrace=False)
+
+
+@pytest.fixture
+def pair_result(pair: PairSpec, diff_session: DiffSession) -> PairResult:
+    """Every measurement of the parametrized pair (computed once per process, cached on disk)."""
+    return obtain_result(diff_session, pair)
+
+
+@pytest.fixture
+def group_results(
+    base_subject: GroupSubject, diff_session: DiffSession
+) -> list[tuple[PairSpec, PairResult]]:
+    """(pair, result) for every selected descendant of the parametrized base."""
+    return [(p, obtain_result(diff_session, p)) for p in base_subject.pairs]
+
+
+@pytest.fixture
+def finding(diff_session: DiffSession, request: pytest.FixtureRequest) -> FindingCheck:
+    """Row checks and the verdict-concluding step shared by the finding tests."""
+    # user_properties directly: the record_property fixture warns under junit xunit2.
+    return FindingCheck(
+        diff_session, lambda name, value: request.node.user_properties.append((name, value))
+    )
+
+
+@pytest.fixture
+def curve_snapshot(snapshot: Any, diff_session: DiffSession) -> Any:
+    """syrupy's ``snapshot`` with the tolerant curve extension (``--curve-atol/--curve-rtol``).
+
+    Snapshots live in ``__snapshots__/<scope>/<test file>/`` where scope is the model
+    group (``labels`` for ad-hoc ``--label`` series), so a run of one group never reports
+    another group's snapshots as unused.
+    """
+    return snapshot.use_extension(diff_session.snapshot_extension())
+
+
+# ---------------------------------------------------------------------- finding helper
+class FindingCheck:
+    """What every finding test does around its verdict math.
+
+    ``rows`` / ``curve`` / ``weights`` refuse NaN or Inf with one line naming the model,
+    layer and trace; ``conclude`` records the verdict (report, bundle, junit property) and
+    fails in one line when an expectation is set and not met. The verdict also goes to
+    the test's ``user_properties`` (``reasondiff.<finding>``: status and summary), which
+    junit XML reports carry.
+    """
+
+    def __init__(
+        self, session: DiffSession, record_property: Callable[[str, object], None]
+    ) -> None:
+        self.session = session
+        self.options = session.options
+        self._record_property = record_property
+
+    def rows(
+        self, result: PairResult, metrics: Iterable[str], trace_set: str | None = None
+    ) -> list[CkaRecord]:
+        """The CKA rows of ``metrics`` (in one trace set; None = all), all finite."""
+        __tracebackhide__ = True
+        wanted = set(metrics)
+        out = [
+            r
+            for r in result.cka
+            if r.metric in wanted and (trace_set is None or r.trace.split(":", 1)[0] == trace_set)
+        ]
+        if not out:
+            pytest.fail(
+                f"{result.info.pair_id}: no {'/'.join(sorted(wanted))} rows"
+                + (f" in trace set {trace_set!r}" if trace_set else "")
+                + f" (trace sets: {', '.join(result.trace_sets) or 'none'})",
+                pytrace=False,
+            )
+        for r in out:
+            if not math.isfinite(r.value):
+                pytest.fail(
+                    f"{result.info.pair_id}: {r.metric} is {r.value} for {r.descendant} vs {r.base} "
+                    f"at layer {r.layer}, trace {r.trace}",
+                    pytrace=False,
+                )
+        return out
+
+    def curve(self, result: PairResult, metric: str, trace_set: str | None = None) -> Curve:
+        """The mean curve of ``metric`` over one trace set's traces (None = primary)."""
+        __tracebackhide__ = True
+        name = (
+            trace_set
+            if trace_set is not None
+            else (result.trace_sets[0] if result.trace_sets else None)
+        )
+        self.rows(result, [metric], name)
+        try:
+            return self.session.curves(result, name)[metric]
+        except ReasondiffError as exc:
+            pytest.fail(f"{result.info.pair_id}: {metric}: {_one_line(str(exc))}", pytrace=False)
+
+    def weights(self, result: PairResult) -> list[WeightRecord]:
+        """Weight records; a NaN/Inf in a comparable tensor (no note) fails, naming it."""
+        __tracebackhide__ = True
+        if not result.weights:
+            pytest.fail(f"{result.info.pair_id}: no weight-diff records", pytrace=False)
+        for w in result.weights:
+            if w.note:
+                continue
+            for field_name in ("normalized_diff", "relative_diff", "mean_abs_diff"):
+                v = getattr(w, field_name)
+                if not math.isfinite(v):
+                    pytest.fail(
+                        f"{result.info.pair_id}: {field_name} is {v} for tensor {w.tensor} "
+                        f"(layer {w.layer}) of {w.descendant} vs {w.base}",
+                        pytrace=False,
+                    )
+        return list(result.weights)
+
+    def result(self, pair: PairSpec) -> PairResult:
+        """The result of any selected pair (group-level findings pool several)."""
+        __tracebackhide__ = True
+        return obtain_result(self.session, pair)
+
+    def conclude(self, verdict: Verdict) -> None:
+        """Record ``verdict``; fail in one line if it contradicts its expectation."""
+        __tracebackhide__ = True
+        verdict.summary = _one_line(verdict.summary)
+        self.session.record_verdict(verdict)
+        self._record_property(
+            f"reasondiff.{verdict.finding}", f"{verdict.status}: {verdict.summary}"
+        )
+        if verdict.expected is None or verdict.observed == verdict.expected:
+            return
+        pytest.fail(
+            f"{verdict.subject} {verdict.finding}: expected {_word(verdict.expected)}, "
+            f"observed {_word(verdict.observed)}: {verdict.summary}",
+            pytrace=False,
+        )
+
+
+def _word(value: bool | None) -> str:
+    return {True: "yes", False: "no", None: "undecided"}[value]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------- xdist / end of session
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    ds = config.stash.get(SESSION_KEY, None)
+    if ds is None:
+        return
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput[_WORKER_OUTPUT_KEY] = pack_worker_output(
+            results=ds.ordered_results(),
+            verdicts=ds.ordered_verdicts(),
+            stats=ds.stats,
+            stage_seconds=ds.stage_seconds,
+            notes=ds.notes,
+        )
+        return
+    if ds.options.report_dir and ds.results:
+        _write_outputs(ds, Path(ds.options.report_dir))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """On the xdist controller: fold one worker's results into the controller session."""
+    ds = node.config.stash.get(SESSION_KEY, None)
+    output = getattr(node, "workeroutput", None) or {}
+    if ds is not None and _WORKER_OUTPUT_KEY in output:
+        ds.merge(*unpack_worker_output(output[_WORKER_OUTPUT_KEY]))
+
+
+def _write_outputs(ds: DiffSession, out_dir: Path) -> None:
+    from .bundle import write_bundle
+
+    write_bundle(out_dir, ds.ordered_results(), ds.ordered_verdicts(), config=ds.options.to_dict())
+    ds.notes.append(f"results bundle written to {out_dir}")
+    try:
+        from reasondiff.reports import write_figures, write_index
+    except ImportError:
+        return
+    data = ds.report_data()
+    figures = write_figures(data, out_dir)
+    write_index(data, out_dir, figures)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    ds = config.stash.get(SESSION_KEY, None)
+    if ds is None or getattr(config, "workerinput", None) is not None:
+        return
+    if not ds.results and not ds.verdicts:
+        return
+    data = ds.report_data()
+    terminalreporter.section("reasondiff")
+    try:
+        from reasondiff.reports import make_console, render_terminal
+    except ImportError:
+        for line in _fallback_lines(data.cache, data.stage_seconds, data.notes):
+            terminalreporter.write_line(line)
+        return
+    tw = terminalreporter._tw
+    console = make_console(
+        tw._file, color=config.getoption("color", "auto") or "auto", width=tw.fullwidth
+    )
+    render_terminal(data, console=console)
+
+
+def _fallback_lines(cache: Any, stage_seconds: dict[str, float], notes: Sequence[str]) -> list[str]:
+    lines = [
+        f"reasondiff cache: activations {cache.activations_computed} computed, "
+        f"{cache.activations_loaded} loaded; weight diffs {cache.weight_diffs_computed} "
+        f"computed, {cache.weight_diffs_loaded} loaded"
+    ]
+    if stage_seconds:
+        lines.append(
+            "reasondiff stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_seconds.items())
+        )
+    lines.extend(f"reasondiff: {n}" for n in notes)
+    return lines

@@ -1,0 +1,481 @@
+"""Command-line and ini options of the reasondiff pytest plugin, and their validation.
+
+This module only declares options and turns what pytest parsed into one frozen
+``DiffOptions`` value; it knows nothing about models or metrics. Every option that a
+project would set once (cache dir, thresholds, device) is also an ini key; the command
+line wins over the ini file, the ini file over the documented default.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class _Opt:
+    """One option: its flag, ini key (if any), default and how to parse a value."""
+
+    flag: str
+    dest: str
+    help: str
+    default: Any = None
+    parse: Callable[[str], Any] = str
+    ini: bool = False
+    metavar: str | None = None
+
+
+def parse_bytes(text: str) -> int | None:
+    """``"50G"`` -> bytes; ``"0"`` / ``"none"`` / ``""`` mean no cap (returns None)."""
+    t = text.strip().lower()
+    if t in ("", "0", "none", "off"):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", t)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (examples: 1000000, 512M, 50G, 1.5T)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def parse_layers(text: str) -> tuple[int, ...] | None:
+    """``"0,4,8-12"`` -> (0, 4, 8, 9, 10, 11, 12); empty or ``"all"`` -> None (all layers)."""
+    t = text.strip().lower()
+    if t in ("", "all"):
+        return None
+    out: set[int] = set()
+    for part in t.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not m:
+            raise ValueError(f"bad layer item {part!r} in {text!r} (expected e.g. 0,4,8-12)")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ValueError(f"bad layer range {part!r} in {text!r}: end before start")
+        out.update(range(lo, hi + 1))
+    return tuple(sorted(out))
+
+
+def _parse_band(text: str) -> tuple[float, float]:
+    parts = [float(p) for p in text.split(",")]
+    if len(parts) != 2 or not 0.0 <= parts[0] < parts[1] <= 1.0:
+        raise ValueError(f"{text!r} is not a band 'lo,hi' with 0 <= lo < hi <= 1")
+    return (parts[0], parts[1])
+
+
+def _nonneg_float(text: str) -> float:
+    v = float(text)
+    if not v >= 0.0:  # also rejects NaN
+        raise ValueError(f"{text!r} must be a number >= 0")
+    return v
+
+
+def _pos_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise ValueError(f"{text!r} must be an integer >= 1")
+    return v
+
+
+def _threads(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    return _pos_int(text)
+
+
+def _prob(text: str) -> float:
+    v = float(text)
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{text!r} must be a number strictly between 0 and 1")
+    return v
+
+
+#: All options, in help order. Defaults here are the documented ones (shown in --help).
+OPTIONS: tuple[_Opt, ...] = (
+    _Opt(
+        "--model-group",
+        "model_group",
+        "model group from the registry to compare",
+        "toy",
+        ini=True,
+        metavar="NAME",
+    ),
+    _Opt(
+        "--registry",
+        "registry",
+        "extra registry TOML file on top of the built-in one (repeatable)",
+        metavar="PATH",
+    ),
+    _Opt(
+        "--base",
+        "base",
+        "ad-hoc base model (hub id, local dir or toy:<recipe>); needs --candidate",
+        metavar="SPEC",
+    ),
+    _Opt("--candidate", "candidate", "ad-hoc descendant to compare with --base", metavar="SPEC"),
+    _Opt(
+        "--label",
+        "label",
+        "name of an ad-hoc candidate series: keys its curve snapshots",
+        metavar="NAME",
+    ),
+    _Opt(
+        "--method",
+        "method",
+        "training method of the ad-hoc candidate: SFT, RL or SFT+RL",
+        metavar="METHOD",
+    ),
+    _Opt(
+        "--traces",
+        "traces",
+        "primary trace set (JSONL); default: the group's traces (toy: set 'a')",
+        ini=True,
+        metavar="PATH",
+    ),
+    _Opt(
+        "--traces-alt",
+        "traces_alt",
+        "second trace set for trace invariance (toy default: set 'b')",
+        ini=True,
+        metavar="PATH",
+    ),
+    _Opt(
+        "--max-tokens",
+        "max_tokens",
+        "truncate traces longer than this, with a note",
+        4096,
+        _pos_int,
+        ini=True,
+        metavar="N",
+    ),
+    _Opt(
+        "--layers",
+        "layers",
+        "compare only these hidden-state layers, e.g. 0,4,8-12 (default all)",
+        None,
+        parse_layers,
+        metavar="LIST",
+    ),
+    _Opt(
+        "--device",
+        "device",
+        "auto | cpu | cuda (auto: cuda if available)",
+        "auto",
+        ini=True,
+        metavar="DEV",
+    ),
+    _Opt(
+        "--dtype",
+        "dtype",
+        "auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)",
+        "auto",
+        ini=True,
+        metavar="DTYPE",
+    ),
+    _Opt(
+        "--torch-threads",
+        "torch_threads",
+        "torch CPU threads: N, or auto (default: cores / workers under xdist, else torch's own)",
+        None,
+        _threads,
+        ini=True,
+        metavar="N",
+    ),
+    _Opt(
+        "--diff-cache",
+        "diff_cache",
+        "activation / metric cache dir (default $REASONDIFF_CACHE or ~/.cache/reasondiff)",
+        None,
+        ini=True,
+        metavar="DIR",
+    ),
+    _Opt(
+        "--diff-cache-cap",
+        "diff_cache_cap",
+        "size cap of the activation cache, e.g. 50G (default: no cap)",
+        None,
+        parse_bytes,
+        ini=True,
+        metavar="SIZE",
+    ),
+    _Opt(
+        "--report-dir",
+        "report_dir",
+        "write the results bundle and figures here at session end",
+        metavar="DIR",
+    ),
+    _Opt(
+        "--from-results",
+        "from_results",
+        "replay a results bundle instead of loading models",
+        metavar="DIR",
+    ),
+    _Opt(
+        "--bathtub-delta",
+        "bathtub_delta",
+        "bathtub: minimum drop below early and late CKA (default 0.25)",
+        0.25,
+        _nonneg_float,
+        ini=True,
+        metavar="X",
+    ),
+    _Opt(
+        "--bathtub-band",
+        "bathtub_band",
+        "bathtub: depth band the minimum must lie in, as fractions (default 0.15,0.85)",
+        (0.15, 0.85),
+        _parse_band,
+        ini=True,
+        metavar="LO,HI",
+    ),
+    _Opt(
+        "--final-layer-margin",
+        "final_layer_margin",
+        "final layer lowest: margin below the runner-up (default 1e-6)",
+        1e-6,
+        _nonneg_float,
+        ini=True,
+        metavar="X",
+    ),
+    _Opt(
+        "--localization-max-gini",
+        "localization_max_gini",
+        "weight change distributed: max Gini over layers (default 0.5)",
+        0.5,
+        _nonneg_float,
+        ini=True,
+        metavar="X",
+    ),
+    _Opt(
+        "--localization-max-share",
+        "localization_max_share",
+        "weight change distributed: max layer share / uniform share (default 3.0)",
+        3.0,
+        _nonneg_float,
+        ini=True,
+        metavar="X",
+    ),
+    _Opt(
+        "--sft-rl-alpha",
+        "sft_rl_alpha",
+        "SFT vs RL: significance level of the rank test (default 0.05)",
+        0.05,
+        _prob,
+        ini=True,
+        metavar="P",
+    ),
+    _Opt(
+        "--sft-rl-min-effect",
+        "sft_rl_min_effect",
+        "SFT vs RL: minimum rank-biserial effect size (default 0.3)",
+        0.3,
+        _nonneg_float,
+        ini=True,
+        metavar="X",
+    ),
+    _Opt(
+        "--invariance-atol",
+        "invariance_atol",
+        "trace invariance: max |curve difference| per layer (default 0.05)",
+        0.05,
+        _nonneg_float,
+        ini=True,
+        metavar="X",
+    ),
+    _Opt(
+        "--dominant-k",
+        "dominant_k",
+        "dominant datapoints: top-k tokens per side (default 10)",
+        10,
+        _pos_int,
+        ini=True,
+        metavar="K",
+    ),
+    _Opt(
+        "--bootstrap",
+        "bootstrap",
+        "bootstrap resamples for curve intervals over traces (default 1000)",
+        1000,
+        _pos_int,
+        ini=True,
+        metavar="N",
+    ),
+    _Opt(
+        "--curve-atol",
+        "curve_atol",
+        "curve snapshots: absolute tolerance per layer (default 0.02)",
+        0.02,
+        _nonneg_float,
+        ini=True,
+        metavar="X",
+    ),
+    _Opt(
+        "--curve-rtol",
+        "curve_rtol",
+        "curve snapshots: relative tolerance per layer (default 0.0)",
+        0.0,
+        _nonneg_float,
+        ini=True,
+        metavar="X",
+    ),
+)
+_FLAGS = (
+    (
+        "--require-models",
+        "require_models",
+        "fail (do not skip) when a registry model's weights are unavailable",
+    ),
+    (
+        "--allow-pickle",
+        "allow_pickle",
+        "allow loading pytorch_model.bin (pickle) checkpoints (weights_only)",
+    ),
+    (
+        "--trust-remote-code",
+        "trust_remote_code",
+        "allow checkpoints that need remote code (auto_map)",
+    ),
+)
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register every option (and ini key) in the ``reasondiff`` help group."""
+    group = parser.getgroup("reasondiff", "reasondiff model diff")
+    for opt in OPTIONS:
+        kwargs: dict[str, Any] = {"dest": f"rd_{opt.dest}", "default": None, "help": opt.help}
+        if opt.metavar:
+            kwargs["metavar"] = opt.metavar
+        if opt.dest == "registry":
+            kwargs["action"] = "append"
+        group.addoption(opt.flag, **kwargs)
+        if opt.ini:
+            parser.addini(opt.dest, f"reasondiff: {opt.help}", type="string", default="")
+    for flag, dest, text in _FLAGS:
+        group.addoption(flag, dest=f"rd_{dest}", action="store_true", default=False, help=text)
+
+
+@dataclass(frozen=True)
+class DiffOptions:
+    """Every option value, parsed and validated; one per pytest process."""
+
+    model_group: str = "toy"
+    registry: tuple[str, ...] = ()
+    base: str | None = None
+    candidate: str | None = None
+    label: str | None = None
+    method: str | None = None
+    traces: str | None = None
+    traces_alt: str | None = None
+    max_tokens: int = 4096
+    layers: tuple[int, ...] | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    torch_threads: int | None = None
+    diff_cache: str | None = None
+    diff_cache_cap: int | None = None
+    report_dir: str | None = None
+    from_results: str | None = None
+    bathtub_delta: float = 0.25
+    bathtub_band: tuple[float, float] = (0.15, 0.85)
+    final_layer_margin: float = 1e-6
+    localization_max_gini: float = 0.5
+    localization_max_share: float = 3.0
+    sft_rl_alpha: float = 0.05
+    sft_rl_min_effect: float = 0.3
+    invariance_atol: float = 0.05
+    dominant_k: int = 10
+    bootstrap: int = 1000
+    curve_atol: float = 0.02
+    curve_rtol: float = 0.0
+    require_models: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    model_group_given: bool = field(default=False, compare=False)
+
+    @property
+    def adhoc(self) -> bool:
+        return self.base is not None
+
+    def cache_dir(self) -> Path:
+        """The diff cache root (``--diff-cache`` / ini ``diff_cache`` / the default)."""
+        if self.diff_cache:
+            return Path(self.diff_cache).expanduser()
+        from .cache import default_cache_dir
+
+        return default_cache_dir()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form, stored in the results bundle's config."""
+        d = asdict(self)
+        d.pop("model_group_given")
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        d["bathtub_band"] = list(self.bathtub_band)
+        d["registry"] = list(self.registry)
+        return d
+
+
+def _raw_value(config: pytest.Config, opt: _Opt) -> tuple[str | None, str]:
+    """(text, where) for one option: the command line first, then the ini file."""
+    cli = config.getoption(f"rd_{opt.dest}")
+    if cli is not None:
+        return str(cli), opt.flag
+    if opt.ini:
+        ini = config.getini(opt.dest)
+        if isinstance(ini, str) and ini.strip():
+            return ini.strip(), f"ini option {opt.dest}"
+    return None, opt.flag
+
+
+def options_from_config(config: pytest.Config) -> DiffOptions:
+    """Parse and validate every option; a bad value is a ``pytest.UsageError``."""
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        if opt.dest == "registry":
+            values["registry"] = tuple(config.getoption("rd_registry") or ())
+            continue
+        text, where = _raw_value(config, opt)
+        if text is None:
+            values[opt.dest] = opt.default
+            continue
+        try:
+            values[opt.dest] = opt.parse(text)
+        except ValueError as exc:
+            raise pytest.UsageError(f"{where}: {exc}") from None
+        if opt.dest == "model_group":
+            values["model_group_given"] = True
+    for _flag, dest, _text in _FLAGS:
+        values[dest] = bool(config.getoption(f"rd_{dest}"))
+    opts = DiffOptions(**values)
+    _check_choices(opts)
+    return opts
+
+
+def _check_choices(opts: DiffOptions) -> None:
+    from .registry import METHODS
+
+    if opts.device not in DEVICES:
+        raise pytest.UsageError(f"--device {opts.device!r} is not one of: {', '.join(DEVICES)}")
+    if opts.dtype not in DTYPES:
+        raise pytest.UsageError(f"--dtype {opts.dtype!r} is not one of: {', '.join(DTYPES)}")
+    if opts.method is not None and opts.method not in METHODS:
+        raise pytest.UsageError(f"--method {opts.method!r} is not one of: {', '.join(METHODS)}")
+    if (opts.base is None) != (opts.candidate is None):
+        raise pytest.UsageError("--base and --candidate go together: give both or neither")
+    if opts.adhoc and opts.model_group_given:
+        raise pytest.UsageError("--model-group cannot be combined with --base/--candidate")
+    if (opts.label or opts.method) and not opts.adhoc:
+        raise pytest.UsageError(
+            "--label and --method describe an ad-hoc pair: they need --base/--candidate"
+        )
+    if opts.from_results and opts.adhoc:
+        raise pytest.UsageError(
+            "--from-results replays a bundle: it cannot be combined with --base/--candidate"
+        )

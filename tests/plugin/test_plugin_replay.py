@@ -1,0 +1,133 @@
+"""Finding tests on synthetic bundles (``--from-results``): no model is involved."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reasondiff.bundle import write_bundle
+from reasondiff.records import CkaRecord, PairInfo, PairResult, WeightRecord
+
+pytest_plugins = ["pytester"]
+
+LAYERS = range(11)
+
+
+def synthetic_result(linear: list[float], *, pair: str = "mine__theirs") -> PairResult:
+    """One unregistered pair, two traces of set ``a`` sharing one linear curve."""
+    base, desc = pair.split("__")
+    info = PairInfo(pair, base, desc, f"/ckpt/{base}", f"/ckpt/{desc}", "SFT", None, {}, 10)
+    rows = [
+        CkaRecord(base, desc, f"a:t{t}", layer, metric, value)
+        for t in range(2)
+        for layer, value in zip(LAYERS, linear, strict=True)
+        for metric in ("linear", "rbf", "linear_without_dominant")
+    ]
+    rows += [CkaRecord(base, desc, f"a:t{t}", 10, "linear_prenorm", linear[-1]) for t in range(2)]
+    weights = [
+        WeightRecord(
+            base,
+            desc,
+            f"model.layers.{i}.mlp.up_proj.weight",
+            i,
+            "mlp.up_proj.weight",
+            (4, 4),
+            0.1,
+            0.1,
+            0.01,
+        )
+        for i in range(10)
+    ]
+    return PairResult(info=info, weights=weights, cka=rows, trace_sets=["a"])
+
+
+def run_replay(
+    pytester: pytest.Pytester, copy_project: Any, result: PairResult, *args: str
+) -> pytest.RunResult:
+    copy_project(pytester.path, snapshots=False)
+    bundle = pytester.path / "bundle"
+    write_bundle(bundle, [result], [], config={})
+    # A subprocess: in-process runs that load torch / numpy.random twice crash.
+    return pytester.runpytest_subprocess(
+        "diffs", "-p", "no:cacheprovider", "--from-results", str(bundle), "-rA", *args
+    )
+
+
+def test_nan_in_a_used_row_fails_naming_model_layer_and_trace(
+    pytester: pytest.Pytester, copy_project: Any
+) -> None:
+    curve = [1.0] * 11
+    curve[4] = math.nan
+    result = run_replay(
+        pytester, copy_project, synthetic_result(curve), "-k", "test_bathtub and not dominant"
+    )
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        ["*mine__theirs: linear is nan for theirs vs mine at layer 4, trace a:t0*"]
+    )
+
+
+def test_unregistered_pair_is_reported_not_judged(
+    pytester: pytest.Pytester, copy_project: Any
+) -> None:
+    dip = [1.0, 1.0, 0.95, 0.4, 0.1, 0.1, 0.5, 0.95, 1.0, 1.0, 0.9]
+    result = run_replay(
+        pytester,
+        copy_project,
+        synthetic_result(dip),
+        "-k",
+        "test_bathtub and not dominant",
+        "--junitxml=j.xml",
+    )
+    assert result.ret == 0  # no expectation: observed, never failed
+    out = result.stdout.str()
+    assert "bathtub" in out and "observed" in out
+    junit = (pytester.path / "j.xml").read_text("utf-8")
+    assert 'name="reasondiff.bathtub"' in junit and "observed: bathtub in linear CKA" in junit
+
+
+def test_curve_test_skips_an_unlabelled_adhoc_pair(
+    pytester: pytest.Pytester, copy_project: Any
+) -> None:
+    result = run_replay(pytester, copy_project, synthetic_result([1.0] * 11), "-k", "test_curves")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(
+        ["*mine__theirs: ad-hoc comparison without --label is measured and reported*"]
+    )
+
+
+def test_group_finding_needs_both_methods(pytester: pytest.Pytester, copy_project: Any) -> None:
+    result = run_replay(pytester, copy_project, synthetic_result([1.0] * 11), "-k", "sft")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(
+        ["*base:mine: needs at least one SFT and one RL descendant*(have 1 SFT, 0 RL)*"]
+    )
+
+
+def test_trace_invariance_skips_with_one_trace_set(
+    pytester: pytest.Pytester, copy_project: Any
+) -> None:
+    result = run_replay(pytester, copy_project, synthetic_result([1.0] * 11), "-k", "invariance")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*only one trace set; pass --traces-alt PATH*"])
+
+
+def test_report_dir_rewrites_the_bundle(
+    pytester: pytest.Pytester, copy_project: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "report"
+    result = run_replay(
+        pytester,
+        copy_project,
+        synthetic_result([1.0] * 11),
+        "-k",
+        "bathtub",
+        "--report-dir",
+        str(out),
+    )
+    assert result.ret == 0
+    assert (out / "results.json").is_file() and (out / "cka.csv").is_file()
+    assert "reasondiff cache: activations 0 computed, 0 loaded" in result.stdout.str()
