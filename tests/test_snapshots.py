@@ -189,7 +189,11 @@ def test_curve(snapshot):
 
 
 @pytest.mark.slow
-def test_snapshot_workflow(pytester: pytest.Pytester) -> None:
+def test_snapshot_workflow(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under xdist the inner pytest would inherit the worker's env and syrupy would then
+    # behave as an xdist worker (no snapshot report): run it as a plain session.
+    for var in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(var, raising=False)
     pytester.makepyfile(test_inner=INNER_TEST)
     curve_file = pytester.path / "curve.json"
     snap_file = pytester.path / "__snapshots__" / "test_inner" / "test_curve[linear].json"

@@ -29,6 +29,9 @@ from reasondiff.metrics import cka_without, linear_cka, massive_activations
 from reasondiff.registry import Registry
 from reasondiff.traces import load_trace_set, tokenizer_identity
 
+# One worker runs the whole module (loadgroup), so the family is built once per run.
+pytestmark = pytest.mark.xdist_group("toy-family")
+
 L = toy.LAYERS
 WINDOW = range(toy.WRITE_LAYER + 1, toy.ERASE_LAYER + 1)  # hidden_states carrying the carrier
 

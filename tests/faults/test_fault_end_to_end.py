@@ -28,7 +28,8 @@ from _faultkit import (
 )
 from safetensors.torch import load_file, save_file
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole module (loadgroup), so its toy build is shared.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("faults-e2e")]
 
 CHANGED = "model.layers.5.mlp.up_proj.weight"
 
