@@ -14,7 +14,7 @@ Fixtures for finding tests: ``diff_session``, ``diff_options``, ``pair_result``,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -337,28 +337,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     data = ds.report_data()
     terminalreporter.section("reasondiff")
-    try:
-        from reasondiff.reports import make_console, render_terminal
-    except ImportError:
-        for line in _fallback_lines(data.cache, data.stage_seconds, data.notes):
-            terminalreporter.write_line(line)
-        return
+    from reasondiff.reports import make_console, render_terminal
+
     tw = terminalreporter._tw
     console = make_console(
         tw._file, color=config.getoption("color", "auto") or "auto", width=tw.fullwidth
     )
     render_terminal(data, console=console)
-
-
-def _fallback_lines(cache: Any, stage_seconds: dict[str, float], notes: Sequence[str]) -> list[str]:
-    lines = [
-        f"reasondiff cache: activations {cache.activations_computed} computed, "
-        f"{cache.activations_loaded} loaded; weight diffs {cache.weight_diffs_computed} "
-        f"computed, {cache.weight_diffs_loaded} loaded"
-    ]
-    if stage_seconds:
-        lines.append(
-            "reasondiff stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in stage_seconds.items())
-        )
-    lines.extend(f"reasondiff: {n}" for n in notes)
-    return lines

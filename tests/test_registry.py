@@ -138,7 +138,7 @@ def test_bad_registry_files_name_the_problem(tmp_path: Path, text: str, fragment
 
 
 def test_unreadable_registry_file(tmp_path: Path) -> None:
-    with pytest.raises(RegistryError, match="cannot read registry file .*missing.toml"):
+    with pytest.raises(RegistryError, match=r"cannot read registry file .*missing\.toml"):
         Registry.load([tmp_path / "missing.toml"])
 
 
