@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from functools import lru_cache
 from typing import Literal
 
+import numpy as np
 import torch
 
 from ..errors import MetricInputError
@@ -29,9 +31,34 @@ _MAX_EXACT = 1 << 24
 
 
 def _sq_dist_block(xc: Tensor, r: Tensor, a: int, b: int, c0: int = 0) -> Tensor:
-    """Squared distances of rows a:b to rows c0:, from the Gram identity, clamped >= 0."""
-    d2 = r[a:b, None] + r[None, c0:] - 2.0 * (xc[a:b] @ xc[c0:].T)
-    return d2.clamp_min_(0.0)
+    """Squared distances of rows a:b to rows c0:, from the Gram identity, clamped >= 0.
+
+    (r_i + r_j) - 2 g_ij, in place on one buffer (bitwise what the out-of-place
+    expression gives: 2 g is exact, so ``sub_(alpha=2)`` rounds once, the same way).
+    """
+    d2 = r[a:b, None] + r[None, c0:]
+    return d2.sub_(xc[a:b] @ xc[c0:].T, alpha=2.0).clamp_min_(0.0)
+
+
+@lru_cache(maxsize=2)
+def _triu_flat(n: int, device: torch.device) -> Tensor:
+    """Flat indices of the pairs i < j of an N x N matrix, row-major (cached: both sides
+    of a pair share N; used for N^2 <= 4M only, so at most 16 MiB)."""
+    iu = torch.triu_indices(n, n, 1, device=device)
+    return iu[0] * n + iu[1]
+
+
+def upper_values(d2: Tensor) -> Tensor:
+    """The strictly-upper-triangle entries of a square matrix, row-major (= ``d2[triu
+    mask]``, the order :func:`_upper_blocks` yields them in).
+
+    Up to one row block (N^2 <= 4M) through a cached flat index, ~3x faster than the
+    boolean mask; beyond that the mask (N^2 bytes, nothing cached) bounds memory.
+    """
+    n = d2.shape[0]
+    if n * n <= _BLOCK_ENTRIES:
+        return d2.reshape(-1)[_triu_flat(n, d2.device)]
+    return d2[torch.ones(n, n, dtype=torch.bool, device=d2.device).triu_(1)]
 
 
 def _median_ranks(n: int, median: str) -> list[int]:
@@ -54,9 +81,17 @@ def _median_ranks(n: int, median: str) -> list[int]:
 Stream = Callable[[], Iterable[Tensor]]
 
 
-def _kth(v: Tensor, q: int) -> float:
-    """The value of 0-based rank q of a 1-D tensor (O(len) selection)."""
-    return float(torch.kthvalue(v.cpu(), q + 1).values)
+def _kth(v: Tensor, q: int, with_next: bool = False) -> tuple[float, float]:
+    """Values of 0-based ranks q and (if ``with_next``) q + 1 of a 1-D tensor.
+
+    One O(len) ``numpy.partition`` (introselect) for both ranks: the same order
+    statistics as ``torch.kthvalue`` (NaN sorts last in both), ~2-3x faster on CPU.
+    """
+    a = v.detach().cpu().numpy()
+    if not with_next:
+        return float(np.partition(a, q)[q]), math.nan
+    part = np.partition(a, [q, q + 1])
+    return float(part[q]), float(part[q + 1])
 
 
 def _select_rank(
@@ -75,7 +110,7 @@ def _select_rank(
     """
     if total <= max_exact:
         vals = torch.cat([v.reshape(-1) for v in stream()])
-        return _kth(vals, q), (_kth(vals, q + 1) if with_next else math.nan)
+        return _kth(vals, q, with_next)
     lo, hi = -math.inf, math.inf
     for _ in range(256):
         nb = edges.numel() + 1
@@ -108,11 +143,11 @@ def _select_rank(
         if rest.numel():
             above = min(above, float(rest.min()))
     vals = torch.cat(kept)
-    first = _kth(vals, q - below)
+    inner = q + 1 - below < vals.numel()
+    first, nxt = _kth(vals, q - below, with_next and inner)
     if not with_next:
         return first, math.nan
-    nxt = _kth(vals, q + 1 - below) if q + 1 - below < vals.numel() else above
-    return first, nxt
+    return first, (nxt if inner else above)
 
 
 def _scatter(v: Tensor, idx: Tensor, nb: int, how: str, fill: float) -> Tensor:

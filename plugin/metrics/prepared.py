@@ -27,10 +27,28 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import MetricInputError
-from ._median import _MAX_EXACT, Median, _median_ranks, _sample_edges, _sq_median, _sq_median_stream
+from ._median import (
+    _MAX_EXACT,
+    Median,
+    _median_ranks,
+    _sample_edges,
+    _sq_dist_block,
+    _sq_median,
+    _sq_median_stream,
+    upper_values,
+)
 from ._validate import Indices, Matrix, as_indices, as_matrix
-from .hsic import _F64, Form, _chunk, _cka_from_terms, _gram_terms, _sqnorm, _Terms
-from .rbf import _check_bandwidth, _check_scale, _rbf_block
+from .hsic import (
+    _F64,
+    Form,
+    RowBlock,
+    _chunk,
+    _cka_from_terms,
+    _gram_terms,
+    _sqnorm,
+    _Terms,
+)
+from .rbf import _check_bandwidth, _check_scale, _rbf_block, _rbf_full
 
 Tensor = torch.Tensor
 
@@ -42,7 +60,9 @@ class CkaStats:
     sums, and either the off-diagonal Gram matrix (``gram``, N x N, when N <= D and N <=
     ``max_gram_rows``) or, lazily, the covariance X^T X (D x D). PC1 (see
     :mod:`.pca`) and RBF kernels (per scale/median) are cached on first use. Memory:
-    N*D + N^2 (Gram) or D^2 float64 values, plus N^2 per cached RBF kernel.
+    N*D + N^2 (Gram) or D^2 float64 values, plus N^2 per cached RBF kernel (Gram form)
+    or, without a Gram and N <= 2048, N^2 for the squared distances cached on the first
+    RBF use (:meth:`small_sq_dists`).
     Not thread-safe (lazy caches); treat instances as read-only.
     """
 
@@ -62,6 +82,7 @@ class CkaStats:
         self.pc1_cache: tuple[Tensor, float, float] | None = None  # filled by pca.py
         self._rbf: dict[tuple[float, str], tuple[Tensor, Tensor, Tensor]] = {}
         self._sq_median: dict[str, float] = {}
+        self._d2: Tensor | None = None  # see small_sq_dists()
         if use_gram:
             g = self.xc @ self.xc.T
             g.fill_diagonal_(0.0)
@@ -105,14 +126,30 @@ class CkaStats:
     def describe(self) -> str:
         return f"{self.name} {self.shape}"
 
+    def small_sq_dists(self) -> Tensor | None:
+        """All N x N squared distances, cached, when one streamed row block holds them.
+
+        Without a stored Gram matrix the median selection and the RBF kernel each build
+        the squared distances from the Gram identity; when N^2 fits one row block
+        (:func:`~.hsic._chunk` gives N rows, N <= 2048) both would build this very matrix
+        - bitwise, same single product - so it is built once and shared. ``None`` for a
+        Gram-form stats object (see :meth:`_sq_dists`) or when N^2 needs several blocks
+        (the streamed, bounded-memory path). Memory: N^2 float64 (<= 32 MiB).
+        """
+        if self.gram is not None or _chunk(self.n, None) < self.n:
+            return None
+        if self._d2 is None:
+            self._d2 = _sq_dist_block(self.xc, self.r, 0, self.n)
+        return self._d2
+
     def sigma2(self, scale: float, median: str) -> float:
         """RBF bandwidth squared, scale^2 x median squared distance; cached per median."""
         if median not in self._sq_median:
-            if self.gram is not None:
-                d2 = self._sq_dists()
-                mask = torch.ones_like(d2, dtype=torch.bool).triu_(1)
+            small = self.small_sq_dists()
+            if self.gram is not None or small is not None:
+                d2 = self._sq_dists() if small is None else small
                 self._sq_median[median] = _sq_median_stream(
-                    lambda: [d2[mask]],
+                    lambda: [upper_values(d2)],
                     self.n,
                     median,
                     _MAX_EXACT,
@@ -304,7 +341,9 @@ def rbf_cka_prepared(
     """RBF CKA from prepared statistics; equals :func:`rbf_cka`.
 
     With stored Gram matrices the RBF kernels are derived from them (no new O(N^2 D)
-    product) and cached per (scale, median); otherwise falls back to the chunked path.
+    product) and cached per (scale, median). Otherwise, for N^2 within one row block,
+    each side's squared distances are built once and give both the median and the
+    kernel (bitwise the streamed path's values); larger N streams row blocks.
     """
     sc = _check_scale(scale)
     _median_ranks(4, median)  # validates the name
@@ -314,9 +353,7 @@ def rbf_cka_prepared(
         n = px.n
         chunk = _chunk(n, None)
         sx2, sy2 = px.sigma2(sc, median), py.sigma2(sc, median)
-        terms = _gram_terms(
-            _rbf_block(px.xc, px.r, sx2), _rbf_block(py.xc, py.r, sy2), n, chunk, px.xc.device
-        )
+        terms = _gram_terms(_rbf_rows(px, sx2), _rbf_rows(py, sy2), n, chunk, px.xc.device)
         return _cka_from_terms(terms, debiased, what)
     k, rk, tk = px.rbf_kernel(sc, median)
     l, rl, tl = py.rbf_kernel(sc, median)  # noqa: E741
@@ -324,3 +361,9 @@ def rbf_cka_prepared(
     ones_y = torch.ones(py.n, dtype=_F64, device=l.device)
     terms = _Terms(px.n, torch.dot(k.reshape(-1), l.reshape(-1)), tk, tl, rk, rl, ones_x, ones_y)
     return _cka_from_terms(terms, debiased, what)
+
+
+def _rbf_rows(s: CkaStats, sigma2: float) -> RowBlock:
+    """Kernel row blocks: from the cached distances when small, else streamed."""
+    d2 = s.small_sq_dists()
+    return _rbf_block(s.xc, s.r, sigma2) if d2 is None else _rbf_full(d2, sigma2)

@@ -48,9 +48,24 @@ def _check_bandwidth(med2: float, r: Tensor, what: str, median: str) -> None:
 def _rbf_block(xc: Tensor, r: Tensor, sigma2: float) -> RowBlock:
     def rows(a: int, b: int) -> Tensor:
         d2 = _sq_dist_block(xc, r, a, b)
-        i = torch.arange(b - a, device=d2.device)
-        d2[i, i + a] = 0.0
+        d2.diagonal(a).fill_(0.0)  # entries (i, a + i): the block's part of the diagonal
         return torch.exp_(d2.mul_(-0.5 / sigma2))
+
+    return rows
+
+
+def _rbf_full(d2: Tensor, sigma2: float) -> RowBlock:
+    """Row blocks of the RBF kernel from a stored N x N squared-distance matrix.
+
+    Same operations, in the same order, as :func:`_rbf_block` (scale, zero diagonal,
+    exp), so the kernel is bitwise the one built from ``_sq_dist_block`` rows; ``d2`` is
+    left untouched (it may be cached for other bandwidths).
+    """
+
+    def rows(a: int, b: int) -> Tensor:
+        k = d2[a:b] * (-0.5 / sigma2)
+        k.diagonal(a).fill_(0.0)
+        return torch.exp_(k)
 
     return rows
 
