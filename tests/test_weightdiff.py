@@ -246,3 +246,56 @@ def test_encoder_without_lm_head(tmp_path: Path) -> None:
     assert records["encoder.layer.1.attention.self.query.weight"].component == (
         "attention.self.query.weight"
     )
+
+
+def _write(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    save_file(tensors, str(directory / "model.safetensors"))
+    config = {"architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": False}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_streamed_in_chunks_equals_whole_tensor_metric_and_maps_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many small chunks (a resized bf16 embedding read as a row prefix) give exactly the
+    whole-tensor result, no checkpoint file stays mapped, and the torch thread setting
+    is restored."""
+    from reasondiff.metrics import weight_diff_metrics
+    from reasondiff.metrics.weights import REDUCE_BLOCK
+
+    g = torch.Generator().manual_seed(3)
+    emb = (torch.randn(1000, 96, generator=g) * 0.02).to(torch.bfloat16)
+    grown = torch.cat([emb + 0.001, torch.ones(7, 96, dtype=torch.bfloat16)])
+    up = torch.randn(40, 30, generator=g)
+    a = _write(tmp_path / "a", {"model.embed_tokens.weight": emb, "model.layers.0.up": up})
+    b = _write(tmp_path / "b", {"model.embed_tokens.weight": grown, "model.layers.0.up": -up})
+    monkeypatch.setattr(weightdiff, "DEFAULT_CHUNK_ELEMS", REDUCE_BLOCK)  # 12 chunks
+    mapped: list[str] = []
+
+    def progress(_: str) -> None:
+        maps = Path("/proc/self/maps").read_text()
+        mapped.extend(line for line in maps.splitlines() if str(tmp_path) in line)
+
+    threads = torch.get_num_threads()
+    records = _by_name(_diff(a, b, progress=progress))
+    assert torch.get_num_threads() == threads
+    assert not mapped
+    rec = records["model.embed_tokens.weight"]
+    assert rec.note == "resized:1000"
+    want = weight_diff_metrics(emb, grown[:1000])
+    assert (rec.normalized_diff, rec.relative_diff, rec.mean_abs_diff) == want
+    assert records["model.layers.0.up"].normalized_diff == pytest.approx(2.0)
+
+
+def test_overflowing_difference_is_named(tmp_path: Path) -> None:
+    from reasondiff.errors import MetricInputError
+
+    big = torch.full((4, 4), 3e38)
+    a = _write(tmp_path / "a", {"w": big})
+    b = _write(tmp_path / "b", {"w": -big})
+    with pytest.raises(MetricInputError, match=r"weights w of 'base' vs w of 'desc'.*float32"):
+        _diff(a, b)

@@ -86,3 +86,69 @@ def test_bf16_and_numpy_inputs() -> None:
         reference(a16.float(), b16.float()), rel=1e-6
     )
     assert weight_diff_metrics(a.numpy(), b.numpy()) == weight_diff_metrics(a, b)
+
+
+def _float64_reference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """The three metrics with the float32 difference (the contract) summed in float64."""
+    d = (b.float() - a.float()).double()
+    a64, b64 = a.double(), b.double()
+    nd, na, nb = (float(torch.linalg.vector_norm(t)) for t in (d, a64, b64))
+    return nd / (0.5 * na + 0.5 * nb), nd / na, float(d.abs().sum()) / d.numel()
+
+
+def _naive_float32_sum(x: torch.Tensor) -> float:
+    """Left-to-right float32 accumulation (numpy's accumulate is sequential, unlike torch's
+    float cumsum, which accumulates in double on CPU): what a plain loop gets."""
+    return float(np.add.accumulate(x.float().numpy(), dtype=np.float32)[-1])
+
+
+def test_large_dynamic_range_within_1e6_of_float64() -> None:
+    """A few weights ~1e4 among ~1e-3 ones (massive-activation-like rows): float32 block
+    sums added in float64 stay within 1e-6 of a float64 reference."""
+    g = torch.Generator().manual_seed(12)
+    a = torch.randn(2_000_003, generator=g) * 1e-3
+    a[torch.randint(0, a.numel(), (5,), generator=g)] = 1e4 * torch.tensor(
+        [1.0, -2.0, 3.0, -0.5, 1.5]
+    )
+    b = a + torch.randn(a.numel(), generator=g) * 1e-4
+    b[:7] += 50.0  # a few large changes too
+    got = weight_diff_metrics(a, b)
+    assert got == pytest.approx(_float64_reference(a, b), rel=1e-6)
+
+
+def test_ten_million_elements_within_1e6_of_float64_where_naive_float32_is_not() -> None:
+    g = torch.Generator().manual_seed(13)
+    a = (torch.randn(10_000_000, generator=g) * 0.02).to(torch.bfloat16)
+    b = (a.float() + torch.randn(a.numel(), generator=g) * 1e-3).to(torch.bfloat16)
+    ref = _float64_reference(a, b)
+    got = weight_diff_metrics(a, b)
+    assert got == pytest.approx(ref, rel=1e-6)
+    # the data discriminates: a sequential float32 sum of the same squares misses 1e-6
+    sq = (b.float() - a.float()) ** 2
+    exact = float(sq.double().sum())
+    assert abs(_naive_float32_sum(sq) - exact) / exact > 1e-6
+
+
+def test_result_is_independent_of_chunk_size_across_blocks() -> None:
+    from reasondiff.metrics.weights import REDUCE_BLOCK
+
+    n = 3 * REDUCE_BLOCK + 5
+    a, b = weights(14, (n,)), weights(15, (n,))
+    whole = weight_diff_metrics(a, b, chunk_elems=10**9)
+    for chunk in (1, REDUCE_BLOCK, REDUCE_BLOCK + 1, 2 * REDUCE_BLOCK):
+        assert weight_diff_metrics(a, b, chunk_elems=chunk) == whole  # bit-identical
+    assert whole == pytest.approx(reference(a, b), rel=1e-6)
+
+
+def test_accumulator_rejects_a_partial_chunk_before_the_end() -> None:
+    from reasondiff.errors import MetricInputError
+    from reasondiff.metrics.weights import REDUCE_BLOCK, WeightDiffAccumulator
+
+    acc = WeightDiffAccumulator(2 * REDUCE_BLOCK)
+    x = torch.ones(REDUCE_BLOCK + 3)
+    acc.add(x, x)
+    with pytest.raises(MetricInputError, match="does not fit"):
+        acc.add(x, x)
+    acc.reset()
+    acc.add(x, 2 * x)
+    assert acc.result() == pytest.approx((2 / 3, 1.0, 1.0), rel=1e-12)
