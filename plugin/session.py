@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 #: Bump when the rows computed per (pair, trace, layer) change meaning: it keys the cache.
 METRICS_VERSION = "1"
 #: Bump when the weight-diff records change meaning.
-WEIGHTS_VERSION = "1"
+WEIGHTS_VERSION = "2"  # 2: float32 block sums accumulated in float64
 
 
 @dataclass(frozen=True)

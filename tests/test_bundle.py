@@ -331,3 +331,17 @@ def test_interrupted_write_keeps_the_old_file(
     atomic_write_text(target, "new")
     assert target.read_text() == "new"
     assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_bundle_files_are_readable_like_any_new_file(tmp_path: Path) -> None:
+    """mkstemp creates 0600 files; bundle files get the mode ``open()`` would give."""
+    import os
+
+    from reasondiff.bundle import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "x.csv", "a\n")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "x.csv").stat().st_mode & 0o777 == 0o644
