@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError, ReasondiffError, TraceError
-from .traces import MIN_TRACE_TOKENS, Trace, TraceSet, save_trace_set, tokenizer_identity
+from .traces import (
+    MIN_TRACE_TOKENS,
+    Trace,
+    TraceSet,
+    iter_jsonl_objects,
+    save_trace_set,
+    tokenizer_identity,
+)
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 THINK = "<think>"
@@ -50,25 +56,10 @@ class Problem:
 def load_problems(path: str | Path, *, limit: int | None = None) -> list[Problem]:
     """The first ``limit`` problems of a JSONL file of ``{"problem": str, "id"?: str|int}``."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise TraceError(f"cannot read problems file {p}: {exc.strerror or exc}") from exc
     out: list[Problem] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{where}: not valid JSON ({exc.msg})") from None
-        if (
-            not isinstance(obj, dict)
-            or not isinstance(obj.get("problem"), str)
-            or not obj["problem"].strip()
-        ):
+    for where, _, obj in iter_jsonl_objects(p, what="problems"):
+        if not isinstance(obj.get("problem"), str) or not obj["problem"].strip():
             raise TraceError(f'{where}: expected an object with a non-empty string "problem"')
         pid = obj.get("id", f"p{len(out):03d}")
         if isinstance(pid, bool) or not isinstance(pid, (str, int)) or str(pid) == "":

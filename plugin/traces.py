@@ -110,19 +110,21 @@ def trace_set_hash(trace_set: TraceSet) -> str:
 
 
 # ---------------------------------------------------------------- load / save
-def load_trace_set(path: str | os.PathLike[str], *, name: str | None = None) -> TraceSet:
-    """Read and validate a JSONL trace set; every error names the file and line."""
+def iter_jsonl_objects(
+    path: str | os.PathLike[str], *, what: str
+) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """``(where, lineno, object)`` for each non-blank line of a JSONL file of objects.
+
+    Shared by every JSONL reader (trace sets, problem files) so that each error names
+    the file and line the same way; ``what`` names the kind of file in messages.
+    """
     p = Path(path)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise TraceError(f"trace set file {p} does not exist") from None
+        raise TraceError(f"{what} file {p} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise TraceError(f"cannot read trace set file {p}: {exc}") from exc
-
-    set_name, tokenizer = p.stem, None
-    traces: list[Trace] = []
-    seen: dict[str, int] = {}
+        raise TraceError(f"cannot read {what} file {p}: {exc}") from exc
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -133,6 +135,16 @@ def load_trace_set(path: str | os.PathLike[str], *, name: str | None = None) -> 
             raise TraceError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(obj, dict):
             raise TraceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, lineno, obj
+
+
+def load_trace_set(path: str | os.PathLike[str], *, name: str | None = None) -> TraceSet:
+    """Read and validate a JSONL trace set; every error names the file and line."""
+    p = Path(path)
+    set_name, tokenizer = p.stem, None
+    traces: list[Trace] = []
+    seen: dict[str, int] = {}
+    for where, lineno, obj in iter_jsonl_objects(p, what="trace set"):
         if HEADER_KEY in obj:
             if traces or seen:
                 raise TraceError(f"{where}: the header line ({HEADER_KEY!r}) must come first")
