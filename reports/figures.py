@@ -163,25 +163,47 @@ def _groups_with(data: ReportData, metrics: Sequence[str]) -> dict[str, list[Pai
     return out
 
 
-# ---------------------------------------------------------------- figures
-def build_figure_1(data: ReportData) -> Figure | None:
-    """Study Fig. 1: mean linear and RBF CKA per layer, one line per descendant, with the
-    interval over traces; one panel per metric and group."""
+def _kernel_grid(
+    data: ReportData,
+) -> (
+    tuple[
+        Figure,
+        dict[str, list[PairInfo]],
+        dict[str, RGBA],
+        list[tuple[Axes, str, str, list[PairInfo]]],
+    ]
+    | None
+):
+    """One panel per (group, kernel) for the linear / RBF figures (1 and 4), or None."""
     metrics = [m for m in ("linear", "rbf") if any(_curve(data, p, m) for p in data.pairs)]
     groups = _groups_with(data, metrics)
     if not groups:
         return None
-    colours = _pair_colours(data.pairs)
     fig, axes = _new_figure(len(groups), len(metrics))
-    for row, (group, pairs) in zip(axes, groups.items(), strict=True):
-        for ax, metric in zip(row, metrics, strict=True):
-            drawn = []
-            for pair in pairs:
-                curve = _curve(data, pair, metric)
-                if curve is not None:
-                    _plot_curve(ax, curve, colour=colours[pair.pair_id], label=pair.descendant)
-                    drawn.append(curve)
-            _style_cka_axis(ax, f"{group}: {_METRIC_TITLE[metric]}", drawn)
+    panels = [
+        (ax, group, metric, pairs)
+        for row, (group, pairs) in zip(axes, groups.items(), strict=True)
+        for ax, metric in zip(row, metrics, strict=True)
+    ]
+    return fig, groups, _pair_colours(data.pairs), panels
+
+
+# ---------------------------------------------------------------- figures
+def build_figure_1(data: ReportData) -> Figure | None:
+    """Study Fig. 1: mean linear and RBF CKA per layer, one line per descendant, with the
+    interval over traces; one panel per metric and group."""
+    grid = _kernel_grid(data)
+    if grid is None:
+        return None
+    fig, groups, colours, panels = grid
+    for ax, group, metric, pairs in panels:
+        drawn = []
+        for pair in pairs:
+            curve = _curve(data, pair, metric)
+            if curve is not None:
+                _plot_curve(ax, curve, colour=colours[pair.pair_id], label=pair.descendant)
+                drawn.append(curve)
+        _style_cka_axis(ax, f"{group}: {_METRIC_TITLE[metric]}", drawn)
     fig.suptitle("CKA between base and descendant per layer (band: interval over traces)")
     _legend(
         fig, _pair_handles([p for ps in groups.values() for p in ps], colours), title="descendant"
@@ -274,32 +296,29 @@ def build_figure_3(data: ReportData) -> Figure | None:
 def build_figure_4(data: ReportData) -> Figure | None:
     """Study Fig. 4: the final layer, before and after the final norm: post-norm curves
     over layers 0..L with the pre-norm value at L marked by a hollow diamond."""
-    metrics = [m for m in ("linear", "rbf") if any(_curve(data, p, m) for p in data.pairs)]
-    groups = _groups_with(data, metrics)
-    if not groups:
+    grid = _kernel_grid(data)
+    if grid is None:
         return None
-    colours = _pair_colours(data.pairs)
-    fig, axes = _new_figure(len(groups), len(metrics))
-    for row, (group, pairs) in zip(axes, groups.items(), strict=True):
-        for ax, metric in zip(row, metrics, strict=True):
-            drawn = []
-            for pair in pairs:
-                curve = _curve(data, pair, metric)
-                if curve is None:
-                    continue
-                colour = colours[pair.pair_id]
-                _plot_curve(ax, curve, colour=colour, label=pair.descendant, band=False)
-                drawn.append(curve)
-                pre = _curve(data, pair, f"{metric}_prenorm")
-                if pre is not None:
-                    last = final_layer(curve, pair.num_layers)
-                    ax.plot([last] * len(pre.mean), pre.mean, "D", mfc="none", color=colour, ms=7)
-                    ax.vlines([last] * len(pre.mean), pre.lo, pre.hi, color=colour, lw=1, alpha=0.6)
-                    drawn.append(pre)
-            if drawn:
-                last = max(final_layer(c, 0) for c in drawn)
-                ax.axvspan(last - 0.5, last + 0.5, color="0.85", alpha=0.5, lw=0)
-            _style_cka_axis(ax, f"{group}: {_METRIC_TITLE[metric]} (final layer shaded)", drawn)
+    fig, groups, colours, panels = grid
+    for ax, group, metric, pairs in panels:
+        drawn = []
+        for pair in pairs:
+            curve = _curve(data, pair, metric)
+            if curve is None:
+                continue
+            colour = colours[pair.pair_id]
+            _plot_curve(ax, curve, colour=colour, label=pair.descendant, band=False)
+            drawn.append(curve)
+            pre = _curve(data, pair, f"{metric}_prenorm")
+            if pre is not None:
+                last = final_layer(curve, pair.num_layers)
+                ax.plot([last] * len(pre.mean), pre.mean, "D", mfc="none", color=colour, ms=7)
+                ax.vlines([last] * len(pre.mean), pre.lo, pre.hi, color=colour, lw=1, alpha=0.6)
+                drawn.append(pre)
+        if drawn:
+            last = max(final_layer(c, 0) for c in drawn)
+            ax.axvspan(last - 0.5, last + 0.5, color="0.85", alpha=0.5, lw=0)
+        _style_cka_axis(ax, f"{group}: {_METRIC_TITLE[metric]} (final layer shaded)", drawn)
     fig.suptitle("Final layer: after the final norm (line) vs before it (hollow diamond)")
     handles = _pair_handles([p for ps in groups.values() for p in ps], colours)
     handles += [
