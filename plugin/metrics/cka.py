@@ -1,21 +1,17 @@
-"""Linear CKA with the unbiased HSIC estimator (METHODS.md §2), and the CKA facade.
+"""Linear CKA with the unbiased HSIC estimator (METHODS.md §2), in Gram and feature form.
 
 - :func:`linear_cka` (``form="auto" | "gram" | "features"``), with the two forms also
   exposed as :func:`linear_cka_gram` (chunked Gram rows, O(N^2 D), memory O(chunk x N))
   and :func:`linear_cka_features` (one D_x x D_y product, O(N D_x D_y), no N x N matrix).
 
-For existing imports (``from reasondiff.metrics.cka import ...``) this module also
-re-exports the rest of the CKA API; new code may import from where it lives:
-:mod:`.hsic` (:func:`hsic_unbiased`, :func:`hsic_biased`), :mod:`.rbf`
-(:func:`rbf_cka`), :mod:`._median` (:func:`median_pairwise_distance`) and
-:mod:`.prepared` (:class:`CkaStats` and the reuse functions). Not here: RBF kernels,
-medians, prepared statistics, the HSIC term machinery.
+Not here (each has its module; ``reasondiff.metrics`` exports them all): the HSIC term
+machinery (:mod:`.hsic`), RBF kernels (:mod:`.rbf`), medians (:mod:`._median`),
+prepared statistics reused across pairs (:mod:`.prepared`).
 """
 
 from __future__ import annotations
 
 from ..errors import MetricInputError
-from ._median import Median, median_pairwise_distance
 from ._validate import Matrix, as_pair, shape_str
 from .hsic import (
     Form,
@@ -25,34 +21,9 @@ from .hsic import (
     _feature_terms,
     _gram_terms,
     _min_rows,
-    hsic_biased,
-    hsic_unbiased,
 )
-from .prepared import (
-    CkaStats,
-    linear_cka_and_ablated,
-    linear_cka_many,
-    linear_cka_prepared,
-    rbf_cka_prepared,
-)
-from .rbf import rbf_cka
 
-__all__ = [
-    "CkaStats",
-    "Form",
-    "Median",
-    "hsic_biased",
-    "hsic_unbiased",
-    "linear_cka",
-    "linear_cka_and_ablated",
-    "linear_cka_features",
-    "linear_cka_gram",
-    "linear_cka_many",
-    "linear_cka_prepared",
-    "median_pairwise_distance",
-    "rbf_cka",
-    "rbf_cka_prepared",
-]
+__all__ = ["linear_cka", "linear_cka_features", "linear_cka_gram"]
 
 
 def linear_cka_gram(
