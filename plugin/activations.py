@@ -6,8 +6,9 @@ Returns ``hidden.{l}`` for l in 0..L as transformers' ``hidden_states`` gives th
 forward hook, so a report can tell a real final-layer change from a norm effect.
 Models without a final norm (BERT-style encoders) give ``prenorm.L == hidden.L``.
 
-Everything comes back as float32, on CPU, contiguous, shape [N, D]. This module does
-no caching and no metric math.
+Everything comes back as float32, on CPU, contiguous, shape [N, D], or (``on_device``)
+where the forward made it, in the model's dtype. This module does no caching and no
+metric math.
 """
 
 from __future__ import annotations
@@ -66,8 +67,13 @@ def extract_activations(
     *,
     layers: Sequence[int] | None = None,
     name: str | None = None,
+    on_device: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One forward; ``hidden.{l}`` for ``layers`` (default 0..L) and ``prenorm.{L}``.
+
+    ``on_device=True`` keeps every tensor where the forward made it, in the model's
+    dtype ([N, D] views, no copy): the engine scores them there (a GPU box never moves
+    hidden states to the host). Otherwise float32, CPU, contiguous (the activation cache).
 
     ``model`` is a ``LoadedModel`` (its name is used in errors) or a bare transformers
     module with a ``config``. Raises ``NonFiniteError`` naming the model, layer and token
@@ -107,10 +113,11 @@ def extract_activations(
         raise TraceError(
             f"model {label}: the last-block hook fired {len(captured)} times in one forward"
         )
-    result = {f"hidden.{layer}": _to_cpu(hidden[layer]) for layer in wanted}
+    move = _squeeze if on_device else _to_cpu
+    result = {f"hidden.{layer}": move(hidden[layer]) for layer in wanted}
     # clone: without a final norm the hook output *is* hidden.L, and tensors sharing
     # storage cannot be written to one safetensors file.
-    result[f"prenorm.{num_layers}"] = _to_cpu(captured[0]).clone()
+    result[f"prenorm.{num_layers}"] = move(captured[0]).clone()
     for key, tensor in result.items():
         _check_finite(tensor, label, key)
     return result
@@ -123,6 +130,12 @@ def _accepts(module: torch.nn.Module, arg: str) -> bool:
     except (TypeError, ValueError):
         return True
     return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _squeeze(t: torch.Tensor) -> torch.Tensor:
+    """[1, N, D] -> [N, D], same device and dtype (a view)."""
+    x = t.detach()
+    return x[0] if x.dim() == 3 else x
 
 
 def _to_cpu(t: torch.Tensor) -> torch.Tensor:

@@ -59,8 +59,7 @@ def _top_eigenpair(a: Tensor, *, tol: float = 1e-12, max_iter: int = 150) -> tup
 def _pc1(s: CkaStats) -> tuple[Tensor, float, float]:
     """(signed projections Xc v1, top eigenvalue sigma_1^2, total variance ||Xc||_F^2)."""
     if s.pc1_cache is None:
-        n, d = s.shape
-        if s.gram is not None and n <= d:
+        if s.gram is not None:  # N x N already there (always N <= D in the CPU's auto form)
             lam, u = _top_eigenpair(s.gram + torch.diag(s.r))
             p = u * lam**0.5
         else:
