@@ -5,10 +5,25 @@ replays without models (``--from-results``), or that someone else produced:
 
 - ``weights.csv``  one row per weight tensor (:class:`~reasondiff.records.WeightRecord`)
 - ``cka.csv``      one row per (pair, trace, layer, metric) (:class:`~reasondiff.records.CkaRecord`)
-- ``massive.csv``  massive-activation positions per (model, trace, layer); optional when
-  reading, because bundles written by other tools may not have it
+- ``massive.csv``  massive-activation positions per (model, trace, layer)
 - ``results.json`` the pairs (:class:`~reasondiff.records.PairInfo`, trace sets, notes),
   the verdicts with expectation and status, the run's config and package versions
+
+Layer numbering (format version 2): weight rows carry ``block``, the 0-based decoder
+block index (-1 outside the blocks); CKA and massive rows carry ``layer``, the
+hidden-state index (0 = embeddings, l >= 1 = output of block l - 1, L = after the final
+norm). Version-1 bundles named the weight column ``layer`` (same numbers, the block
+index); they are still read.
+
+Import format (bundles made elsewhere, e.g. another tool's per-tensor CSV): only
+``weights.csv`` is required, and in it only ``base, descendant, tensor,
+normalized_diff``. ``block`` and ``component`` are derived from the tensor name when
+absent or empty (:func:`~reasondiff.tensor_names.parse_tensor_name`, the parser the
+weight diff uses), other columns may be absent or empty (numbers become NaN; a missing
+``shape`` is ``()``, so such a row is not one of the 2-D matrices SFT-vs-RL pools). Without
+``cka.csv`` the pairs have no CKA rows (CKA findings skip); without ``results.json`` the
+pairs are the (base, descendant) names of the rows, with the names as sources, so that a
+hub id matches the registry. A missing layer count is inferred from the rows.
 
 :func:`bundle_schema` documents every column. Floats are written with ``repr`` so that
 reading gives back exactly the same float (NaN stays ``nan``); shapes are written as
@@ -28,6 +43,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import platform
 import tempfile
@@ -37,8 +53,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import BundleError
+from .errors import BundleError, RegistryError
 from .records import CkaRecord, MassiveRecord, PairInfo, PairResult, Verdict, WeightRecord
+from .registry import slug
+from .tensor_names import parse_tensor_name
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -51,13 +69,13 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT = "reasondiff-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: weights.csv names the block column ``block`` (1: ``layer``)
 
 _WEIGHT_COLUMNS: dict[str, str] = {
     "base": "base model key or label (PairInfo.base)",
     "descendant": "descendant model key or label (PairInfo.descendant)",
     "tensor": "full tensor name in the checkpoint",
-    "layer": "decoder block index, -1 outside blocks",
+    "block": "0-based decoder block index, -1 outside blocks (version 1: column 'layer')",
     "component": "name inside the block, or the full name outside blocks",
     "shape": "tensor shape as 64x128 (empty for a scalar)",
     "normalized_diff": "||dW||_F / (0.5 ||W_base||_F + 0.5 ||W_new||_F); nan when not comparable",
@@ -69,17 +87,21 @@ _CKA_COLUMNS: dict[str, str] = {
     "base": "base model key or label",
     "descendant": "descendant model key or label",
     "trace": "<trace set>:<trace id>",
-    "layer": "hidden_states index 0..L (L = after the final norm)",
+    "layer": "hidden-state index 0..L (0 = embeddings, l = output of block l-1, L = after the final norm)",
     "metric": "linear, rbf, linear_without_dominant, *_prenorm, or a diagnostic",
     "value": "the metric's value for this trace and layer",
 }
 _MASSIVE_COLUMNS: dict[str, str] = {
     "model": "model key or label (a pair's base or descendant)",
     "trace": "<trace set>:<trace id>",
-    "layer": "hidden_states index",
+    "layer": "hidden-state index (as in cka.csv)",
     "positions": "token positions carrying massive activations, ';'-separated",
     "max_abs": "largest |activation| in the layer",
 }
+
+
+#: The columns an imported weights.csv must have; the others may be absent or empty.
+_WEIGHT_REQUIRED = ("base", "descendant", "tensor", "normalized_diff")
 
 
 def bundle_schema() -> dict[str, Any]:
@@ -88,11 +110,15 @@ def bundle_schema() -> dict[str, Any]:
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
         "files": {
-            "weights.csv": {"required": True, "columns": dict(_WEIGHT_COLUMNS)},
-            "cka.csv": {"required": True, "columns": dict(_CKA_COLUMNS)},
+            "weights.csv": {
+                "required": True,
+                "columns": dict(_WEIGHT_COLUMNS),
+                "required_columns": list(_WEIGHT_REQUIRED),
+            },
+            "cka.csv": {"required": False, "columns": dict(_CKA_COLUMNS)},
             "massive.csv": {"required": False, "columns": dict(_MASSIVE_COLUMNS)},
             "results.json": {
-                "required": True,
+                "required": False,
                 "keys": {
                     "format": f"{BUNDLE_FORMAT!r}",
                     "version": "bundle format version (int)",
@@ -274,6 +300,10 @@ class _Row:
             raise self.error(f"column {col!r} is empty (the row has too few fields)")
         return value
 
+    def optional(self, col: str) -> str:
+        """The column's text, ``""`` when the file has no such column or the row ends early."""
+        return self.data.get(col) or ""
+
     def _parse(self, col: str, conv: Callable[[str], T], expected: str) -> T:
         raw = self.text(col)
         try:
@@ -299,13 +329,18 @@ class _Row:
 
 
 def _read_csv(path: Path, columns: Iterable[str]) -> list[_Row]:
+    return _read_csv_with_header(path, columns)[0]
+
+
+def _read_csv_with_header(path: Path, columns: Iterable[str]) -> tuple[list[_Row], list[str]]:
+    """The rows of ``path`` and its header; every column of ``columns`` must be there."""
     required = list(columns)
     try:
         text = path.read_text("utf-8-sig")  # tolerate a BOM from spreadsheet exports
     except FileNotFoundError:
         raise BundleError(
-            f"{path}: missing from the bundle; a bundle needs weights.csv, cka.csv and "
-            f"results.json (massive.csv optional); see bundle_schema()"
+            f"{path}: missing from the bundle; a bundle needs weights.csv (cka.csv, "
+            f"massive.csv and results.json are optional); see bundle_schema()"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: cannot read: {exc}") from exc
@@ -323,7 +358,7 @@ def _read_csv(path: Path, columns: Iterable[str]) -> list[_Row]:
         rows.append(
             _Row(str(path), reader.line_num, {k: v for k, v in rec.items() if k is not None})
         )
-    return rows
+    return rows, list(header)
 
 
 def _get(obj: Any, key: str, where: str, typ: type | tuple[type, ...]) -> Any:
@@ -372,37 +407,90 @@ def _verdict(d: Any, where: str) -> Verdict:
     )
 
 
+def _optional_float(row: _Row, col: str) -> float:
+    """A number, or NaN when an imported row leaves the column out or empty."""
+    if not row.optional(col).strip():
+        return math.nan
+    return row.get_float(col)
+
+
+def _weight_record(row: _Row, block_col: str | None) -> WeightRecord:
+    """One weights.csv row; block and component from the tensor name when not given."""
+    tensor = row.text("tensor")
+    parsed_block, parsed_component = parse_tensor_name(tensor)
+    block_given = block_col is not None and row.optional(block_col).strip()
+    component = row.optional("component")
+    shape_txt = row.optional("shape").strip()
+    shape = (
+        row._parse("shape", lambda s: tuple(int(x) for x in s.split("x")), "a shape like 64x128")
+        if shape_txt
+        else ()
+    )
+    return WeightRecord(
+        base=row.text("base"),
+        descendant=row.text("descendant"),
+        tensor=tensor,
+        layer=row.get_int(block_col) if block_given and block_col else parsed_block,
+        component=component if component.strip() else parsed_component,
+        shape=shape,
+        normalized_diff=row.get_float("normalized_diff"),
+        relative_diff=_optional_float(row, "relative_diff"),
+        mean_abs_diff=_optional_float(row, "mean_abs_diff"),
+        note=row.optional("note"),
+    )
+
+
+def _infer_num_layers(res: PairResult) -> int:
+    """L from the rows: the largest hidden-state layer of cka.csv (which always holds L),
+    else the number of decoder blocks seen in weights.csv (blocks 0..L-1); 0 if neither."""
+    if res.cka:
+        return max(c.layer for c in res.cka)
+    return max((w.layer for w in res.weights), default=-1) + 1
+
+
+def _trace_sets(res: PairResult) -> list[str]:
+    """Trace-set names of the pair's CKA rows (``<set>:<id>``), in first-seen order."""
+    return list(dict.fromkeys(c.trace.partition(":")[0] for c in res.cka))
+
+
 def read_bundle(path: str | os.PathLike[str]) -> Bundle:
     """Read a bundle back into :class:`PairResult` s (exactly as written) and verdicts.
 
+    Also reads version-1 bundles (weights.csv column ``layer``) and the import format of
+    the module docstring (only weights.csv; pairs, trace sets and L inferred from rows).
     Raises :class:`~reasondiff.errors.BundleError` naming the file, the line and what
-    was expected for: a missing directory or file, a missing column, a value that is
-    not a number, a row for a pair not listed in ``results.json``, a massive row for a
-    model in no pair.
+    was expected for: a missing directory or weights.csv, a missing column, a value that
+    is not a number, a row for a pair not listed in ``results.json``, a massive row for
+    a model in no pair.
     """
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"{root}: results bundle directory does not exist")
     rpath = root / "results.json"
-    try:
-        doc = json.loads(rpath.read_text("utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{rpath}: missing from the bundle (pairs, verdicts, config)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{rpath}: not readable JSON: {exc}") from exc
     where = str(rpath)
-    if not isinstance(doc, dict):
-        raise BundleError(f"{where}: expected a JSON object with keys pairs, verdicts, config")
-    fmt = doc.get("format", BUNDLE_FORMAT)
-    if fmt != BUNDLE_FORMAT or int(doc.get("version", BUNDLE_VERSION)) > BUNDLE_VERSION:
-        raise BundleError(
-            f"{where}: format {fmt!r} version {doc.get('version')!r}; this reasondiff reads "
-            f"{BUNDLE_FORMAT!r} up to version {BUNDLE_VERSION}"
-        )
+    doc: dict[str, Any] | None = None
+    if rpath.exists():
+        try:
+            loaded = json.loads(rpath.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{rpath}: not readable JSON: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise BundleError(f"{where}: expected a JSON object with keys pairs, verdicts, config")
+        doc = loaded
+        fmt = doc.get("format", BUNDLE_FORMAT)
+        try:
+            version = int(doc.get("version", BUNDLE_VERSION))
+        except (TypeError, ValueError):
+            version = BUNDLE_VERSION + 1  # refused below, with the value quoted
+        if fmt != BUNDLE_FORMAT or not 1 <= version <= BUNDLE_VERSION:
+            raise BundleError(
+                f"{where}: format {fmt!r} version {doc.get('version')!r}; this reasondiff reads "
+                f"{BUNDLE_FORMAT!r} versions 1 to {BUNDLE_VERSION}"
+            )
 
     results: list[PairResult] = []
     by_pair: dict[tuple[str, str], PairResult] = {}
-    for i, p in enumerate(_get(doc, "pairs", where, list)):
+    for i, p in enumerate(_get(doc, "pairs", where, list) if doc is not None else []):
         pw = f"{where} pairs[{i}]"
         info = _pair_info(_get(p, "info", pw, dict), f"{pw}.info")
         key = (info.base, info.descendant)
@@ -419,54 +507,54 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
 
     def pair_of(row: _Row) -> PairResult:
         key = (row.text("base"), row.text("descendant"))
-        if key not in by_pair:
+        if key in by_pair:
+            return by_pair[key]
+        if doc is not None:
             raise row.error(
                 f"base={key[0]!r}, descendant={key[1]!r} is not a pair in results.json "
                 f"(known pairs: {known})"
             )
-        return by_pair[key]
+        # No results.json: the rows name the pairs; the names double as sources so
+        # that a hub id finds its registry entry (and its expectations).
+        base, desc = key
+        try:
+            pair_id = f"{slug(base)}__{slug(desc)}"
+        except RegistryError as exc:
+            raise row.error(f"cannot name the pair: {exc}") from None
+        res = PairResult(info=PairInfo(pair_id, base, desc, base, desc))
+        by_pair[key] = res
+        results.append(res)
+        return res
 
-    for row in _read_csv(root / "weights.csv", _WEIGHT_COLUMNS):
-        shape_txt = row.text("shape").strip()
-        shape = (
-            row._parse(
-                "shape", lambda s: tuple(int(x) for x in s.split("x")), "a shape like 64x128"
+    wpath = root / "weights.csv"
+    wrows, wheader = _read_csv_with_header(wpath, _WEIGHT_REQUIRED)
+    block_col = "block" if "block" in wheader else ("layer" if "layer" in wheader else None)
+    for row in wrows:
+        pair_of(row).weights.append(_weight_record(row, block_col))
+    if (root / "cka.csv").exists():
+        for row in _read_csv(root / "cka.csv", _CKA_COLUMNS):
+            pair_of(row).cka.append(
+                CkaRecord(
+                    base=row.text("base"),
+                    descendant=row.text("descendant"),
+                    trace=row.text("trace"),
+                    layer=row.get_int("layer"),
+                    metric=row.text("metric"),
+                    value=row.get_float("value"),
+                )
             )
-            if shape_txt
-            else ()
-        )
-        pair_of(row).weights.append(
-            WeightRecord(
-                base=row.text("base"),
-                descendant=row.text("descendant"),
-                tensor=row.text("tensor"),
-                layer=row.get_int("layer"),
-                component=row.text("component"),
-                shape=shape,
-                normalized_diff=row.get_float("normalized_diff"),
-                relative_diff=row.get_float("relative_diff"),
-                mean_abs_diff=row.get_float("mean_abs_diff"),
-                note=row.text("note"),
-            )
-        )
-    for row in _read_csv(root / "cka.csv", _CKA_COLUMNS):
-        pair_of(row).cka.append(
-            CkaRecord(
-                base=row.text("base"),
-                descendant=row.text("descendant"),
-                trace=row.text("trace"),
-                layer=row.get_int("layer"),
-                metric=row.text("metric"),
-                value=row.get_float("value"),
-            )
-        )
+    for res in results:
+        if res.info.num_layers <= 0:
+            res.info.num_layers = _infer_num_layers(res)
+        if not res.trace_sets:
+            res.trace_sets = _trace_sets(res)
     if (root / "massive.csv").exists():
         models = {m for key in by_pair for m in key}
         for row in _read_csv(root / "massive.csv", _MASSIVE_COLUMNS):
             model = row.text("model")
             if model not in models:
                 raise row.error(
-                    f"model {model!r} is neither base nor descendant of a pair in results.json "
+                    f"model {model!r} is neither base nor descendant of a pair in the bundle "
                     f"(known models: {', '.join(sorted(models)) or 'none'})"
                 )
             rec = MassiveRecord(
@@ -480,6 +568,7 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
                 if model in (base, desc):
                     res.massive.append(rec)
 
+    doc = doc or {}
     verdicts = [
         _verdict(v, f"{where} verdicts[{i}]") for i, v in enumerate(doc.get("verdicts", []))
     ]

@@ -39,7 +39,11 @@ DIAGNOSTIC_METRICS = (
 class WeightRecord:
     """One weight tensor compared between base and descendant (METHODS §7).
 
-    ``layer`` is the decoder block index, -1 for tensors outside the blocks.
+    ``layer`` is the 0-based decoder *block* index, -1 for tensors outside the blocks
+    (``block`` is the same number under its user-facing name: weights.csv, the heatmap
+    and the figures say "block", because CKA's ``layer`` is a hidden-state index, one
+    higher: block b writes hidden state b + 1). The field keeps its old name so that
+    code and caches written against it keep working.
     ``component`` is the name inside the block (``self_attn.q_proj.weight``) or the
     full name for tensors outside blocks (``model.embed_tokens.weight``).
     ``note`` is empty for an ordinary comparison, else one of ``missing_in_base``,
@@ -58,10 +62,19 @@ class WeightRecord:
     mean_abs_diff: float
     note: str = ""
 
+    @property
+    def block(self) -> int:
+        """The decoder block index (-1 outside the blocks): the column ``block`` of weights.csv."""
+        return self.layer
+
 
 @dataclass(frozen=True)
 class CkaRecord:
-    """One per-layer value for one trace: a row of cka.csv."""
+    """One per-layer value for one trace: a row of cka.csv.
+
+    ``layer`` is the hidden-state index: 0 = embeddings, l >= 1 = output of decoder
+    block l - 1, L = after the final norm (``*_prenorm`` metrics: before it).
+    """
 
     base: str
     descendant: str
@@ -114,15 +127,19 @@ class Verdict:
 
 @dataclass
 class PairInfo:
-    """Identity of a compared pair, enough for reports and bundles."""
+    """Identity of a compared pair, enough for reports and bundles.
+
+    ``num_layers`` is L, the number of decoder blocks (hidden states 0..L); 0 = unknown
+    (a bundle reader infers it from the rows).
+    """
 
     pair_id: str
     base: str  # registry key or label
     descendant: str
     base_source: str
     descendant_source: str
-    method: str | None
-    group: str | None
+    method: str | None = None  # optional in a bundle's results.json
+    group: str | None = None
     expect: dict[str, bool] = field(default_factory=dict)
     num_layers: int = 0
 
@@ -174,8 +191,9 @@ class CacheStats:
 class ReportData:
     """Everything the reports render. Built by the plugin (live run or bundle replay).
 
-    ``weight_layers[pair_id][component]`` is the mean normalized diff per decoder layer
-    (index = layer); ``weight_other[pair_id][tensor]`` covers tensors outside blocks.
+    ``weight_layers[pair_id][component]`` is the mean normalized diff per decoder block
+    (index = 0-based block, not the hidden-state layer of ``curves``);
+    ``weight_other[pair_id][tensor]`` covers tensors outside blocks.
     """
 
     pairs: list[PairInfo] = field(default_factory=list)

@@ -45,22 +45,14 @@ from .errors import MetricInputError, ModelLoadError, NonFiniteError
 from .metrics.weights import DEFAULT_CHUNK_ELEMS, WeightDiffAccumulator
 from .models import checkpoint_files, read_config
 from .records import WeightRecord
+from .tensor_names import parse_tensor_name
 
 __all__ = ["parse_tensor_name", "stream_weight_diff"]
 
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.(.+)$")
 _EMBED = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in)\.weight$")
 _LM_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$")
 _PREFIXES = ("base_model.model.", "model.", "transformer.")
 _NAN = float("nan")
-
-
-def parse_tensor_name(name: str) -> tuple[int, str]:
-    """(block index, name inside the block); (-1, full name) outside the blocks."""
-    m = _BLOCK.search(name)
-    if m is None:
-        return -1, name
-    return int(m.group(1)), m.group(2)
 
 
 #: safetensors dtype names that are streamed with pread (others read through safe_open).

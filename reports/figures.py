@@ -38,7 +38,10 @@ _METHOD_STYLE = {"SFT": "-", "RL": "--", "SFT+RL": "-."}
 _SET_STYLE = ("-", "--", ":", "-.")
 _METRIC_TITLE = {"linear": "linear CKA", "rbf": "RBF CKA"}
 _LEGEND_ROW_IN = 0.2  # height of one legend entry at fontsize 8, in inches
-_X_LABEL = "layer (0 = embeddings, L = after final norm)"
+#: CKA axes count hidden states, weight axes count decoder blocks (block b writes
+#: hidden state b + 1): the two never share a label.
+_X_LABEL = "layer (hidden state: 0 = embeddings, L = after final norm)"
+_BLOCK_LABEL = "block (0-based decoder block)"
 
 
 @dataclass(frozen=True)
@@ -241,7 +244,7 @@ def build_figure_2(data: ReportData) -> Figure | None:
 
 
 def build_figure_3(data: ReportData) -> Figure | None:
-    """Study Fig. 3: normalized weight diff per layer, one panel per component, line
+    """Study Fig. 3: normalized weight diff per decoder block, one panel per component, line
     style by method (SFT solid, RL dashed, SFT+RL dash-dot). Lines are coloured by base;
     with a single base, colour by descendant instead (one colour would hide who is who)."""
     pairs = [
@@ -276,11 +279,11 @@ def build_figure_3(data: ReportData) -> Figure | None:
         fig.delaxes(ax)
     for i, ax in enumerate(flat[: len(components)]):
         if i + cols >= len(components):  # nothing below it: label the x axis
-            ax.set_xlabel("decoder layer", fontsize=8)
+            ax.set_xlabel(_BLOCK_LABEL, fontsize=8)
         if i % cols == 0:
             ax.set_ylabel("normalized diff", fontsize=8)
     fig.suptitle(
-        "Normalized weight difference per layer: ||W_new - W_base|| / mean of the two norms"
+        "Normalized weight difference per decoder block: ||W_new - W_base|| / mean of the two norms"
     )
     if by_base:
         handles = [Line2D([], [], color=base_colour[b], lw=1.6, label=f"base {b}") for b in bases]
@@ -379,7 +382,7 @@ FIGURES = (
           "no linear or RBF CKA curves in this run"),
     _Spec(2, "fig2_dominant", "Linear CKA with and without dominant datapoints", ("bathtub_explained",),
           build_figure_2, "no linear CKA curves in this run"),
-    _Spec(3, "fig3_weights", "Normalized weight difference per layer and component",
+    _Spec(3, "fig3_weights", "Normalized weight difference per decoder block and component",
           ("weight_distributed", "sft_more_than_rl"), build_figure_3, "no weight differences in this run"),
     _Spec(4, "fig4_final_layer", "Final layer before and after the final norm", ("final_layer_lowest",),
           build_figure_4, "no linear or RBF CKA curves in this run"),

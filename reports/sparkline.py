@@ -2,7 +2,7 @@
 
 Why a module of its own: the mapping from a number to a glyph is the one place where
 the report's visual scale is decided (a *fixed* 0..1 axis for CKA, so rows are
-comparable; a shared maximum for weight-diff heatmaps), and it must work on terminals
+comparable; each pair's own maximum for weight-diff heatmaps), and it must work on terminals
 that cannot print Unicode. Nothing here computes a metric; it only maps given values.
 """
 

@@ -277,7 +277,7 @@ def _pair_views(
     verdicts: Mapping[tuple[str, str], Verdict],
     glyphs: Glyphs,
 ) -> tuple[Table, Text]:
-    title = "pairs: weight change and CKA per layer (0..L, axis 0..1)"
+    title = "pairs: weight change, and CKA per layer (hidden states 0..L, axis 0..1)"
     table = _table(title)
     table.add_column(Text("descendant"))
     table.add_column(Text("method"))
@@ -360,47 +360,52 @@ def _group_views(
 
 
 # ---------------------------------------------------------------- heatmap
+def _pair_vmax(comps: Mapping[str, Sequence[float]]) -> float:
+    """The largest finite value of one pair's grid (0.0 when nothing changed)."""
+    finite = [v for row in comps.values() for v in row if v is not None and math.isfinite(v)]
+    return max(finite, default=0.0)
+
+
 def _heatmaps(
     pairs: Sequence[PairInfo], data: ReportData, glyphs: Glyphs, *, colour: bool
 ) -> RenderableType | None:
-    """Per pair a components x layers grid; one colour scale shared by the whole group."""
+    """Per pair a components x decoder-blocks grid, each on its own colour scale.
+
+    One scale for the whole group let one outlier hide every other pair: the toy
+    group's planted unit (2.0) turned SFT diffs of 0.2 into the lightest shade. The
+    heatmap shows *where* in the model a pair changed, so each pair is scaled 0..its
+    own largest value, which its panel title states; the pair table and figure 3
+    compare magnitudes across pairs.
+    """
     maps = []
     for pair in pairs:
         comps = {c: v for c, v in data.weight_layers.get(pair.pair_id, {}).items() if v}
         if comps:
-            maps.append((pair, comps))
+            maps.append((pair, comps, _pair_vmax(comps)))
     if not maps:
         return None
-    finite = [
-        v
-        for _, comps in maps
-        for row in comps.values()
-        for v in row
-        if v is not None and math.isfinite(v)
-    ]
-    vmax = max(finite, default=0.0)
-    n_layers = max(len(row) for _, comps in maps for row in comps.values())
-    cell = 2 if n_layers <= 16 else 1
+    n_blocks = max(len(row) for _, comps, _ in maps for row in comps.values())
+    cell = 2 if n_blocks <= 16 else 1
     panels = [
         Panel(
             _heat_grid(comps, vmax, glyphs, colour=colour, cell=cell),
-            title=Text(pair.descendant),
+            title=Text(f"{pair.descendant} (max {vmax:.3g})" if vmax > 0 else pair.descendant),
             title_align="left",
             expand=False,
         )
-        for pair, comps in maps
+        for pair, comps, vmax in maps
     ]
-    legend = Text("normalized weight diff per component (rows) and layer (columns): ")
-    if vmax <= 0:
+    legend = Text(
+        "normalized weight diff per component (rows) and decoder block (columns, 0-based), "
+    )
+    if all(vmax <= 0 for _, _, vmax in maps):
         legend.append(f"all zero in this group; {glyphs.missing} = not comparable")
         return Group(Columns(panels, padding=(0, 1)), legend)
-    legend.append("0 ")
+    legend.append("each pair on its own linear scale: 0 ")
     for i in range(_HEAT_STEPS):
         frac = i / (_HEAT_STEPS - 1)
-        legend.append_text(_heat_cell(frac * vmax, vmax, glyphs, colour=colour, cell=1))
-    legend.append(
-        f" {vmax:.3g} (largest normalized diff in this group); {glyphs.missing} = not comparable"
-    )
+        legend.append_text(_heat_cell(frac, 1.0, glyphs, colour=colour, cell=1))
+    legend.append(f" the pair's largest value (in its title); {glyphs.missing} = not comparable")
     return Group(Columns(panels, padding=(0, 1)), legend)
 
 
@@ -425,14 +430,14 @@ def _heat_grid(
     names = component_order(comps)
     labels = [component_label(n) for n in names]
     pad = max((len(lab) for lab in labels), default=0)
-    n_layers = max((len(comps[n]) for n in names), default=0)
+    n_blocks = max((len(comps[n]) for n in names), default=0)
     axis = "".join(
-        (str(layer) if layer % 5 == 0 else "").ljust(cell)[:cell]
+        (str(block) if block % 5 == 0 else "").ljust(cell)[:cell]
         if cell > 1
-        else ("|" if layer % 5 == 0 else " ")
-        for layer in range(n_layers)
+        else ("|" if block % 5 == 0 else " ")
+        for block in range(n_blocks)
     )
-    out = Text(" " * (pad + 1) + axis + "  layer", style="dim")
+    out = Text(" " * (pad + 1) + axis + "  block", style="dim")
     for name, label in zip(names, labels, strict=True):
         out.append("\n" + label.ljust(pad) + " ")
         for value in comps[name]:

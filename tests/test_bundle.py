@@ -161,7 +161,7 @@ def test_written_files_have_exact_columns(written: tuple[Path, list[PairResult]]
     with (out / "weights.csv").open(newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == [
-        "base", "descendant", "tensor", "layer", "component", "shape",
+        "base", "descendant", "tensor", "block", "component", "shape",
         "normalized_diff", "relative_diff", "mean_abs_diff", "note",
     ]  # fmt: skip
     assert rows[1][5] == "64x128" and rows[5][6] == "nan" and rows[6][5] == ""
@@ -173,6 +173,7 @@ def test_written_files_have_exact_columns(written: tuple[Path, list[PairResult]]
     assert "toy-massive,a:0,2,0;17,1234.5" in massive
     assert massive.count("toy-base,a:0,2,0,36000.0") == 1  # shared base written once
     doc = json.loads((out / "results.json").read_text())
+    assert doc["format"] == "reasondiff-bundle" and doc["version"] == 2
     assert (
         doc["verdicts"][0]["status"] == "pass"
         and doc["pairs"][1]["info"]["descendant"] == "toy-copy"
@@ -227,7 +228,20 @@ def _replace_line(path: Path, lineno: int, old: str, new: str) -> None:
             "measure,",
             r"cka\.csv line 1: missing column\(s\) metric; required columns: base, descendant, trace, layer, metric, value",
         ),
-        ("weights.csv", 1, ",note", "", r"weights\.csv line 1: missing column\(s\) note"),
+        (
+            "weights.csv",
+            1,
+            ",normalized_diff",
+            ",norm_diff",
+            r"weights\.csv line 1: missing column\(s\) normalized_diff; required columns: base, descendant, tensor, normalized_diff",
+        ),
+        (
+            "weights.csv",
+            2,
+            "toy-base,toy-massive,model.layers.0.mlp.up_proj.weight,0,",
+            "toy-base,toy-massive,model.layers.0.mlp.up_proj.weight,zero,",
+            r"weights\.csv line 2: column 'block': 'zero' is not an integer",
+        ),
         (
             "cka.csv",
             3,
@@ -277,11 +291,10 @@ def test_bad_layer_integer_is_named(written: tuple[Path, list[PairResult]]) -> N
         read_bundle(out)
 
 
-@pytest.mark.parametrize("missing", ["weights.csv", "cka.csv", "results.json"])
-def test_missing_file_is_named(written: tuple[Path, list[PairResult]], missing: str) -> None:
+def test_missing_weights_file_is_named(written: tuple[Path, list[PairResult]]) -> None:
     out, _ = written
-    (out / missing).unlink()
-    with pytest.raises(BundleError, match=rf"{missing}: missing from the bundle"):
+    (out / "weights.csv").unlink()
+    with pytest.raises(BundleError, match=r"weights\.csv: missing from the bundle"):
         read_bundle(out)
 
 
@@ -310,7 +323,11 @@ def test_schema_lists_the_written_columns(written: tuple[Path, list[PairResult]]
     for name in ("weights.csv", "cka.csv", "massive.csv"):
         header = (out / name).read_text().splitlines()[0].split(",")
         assert header == list(schema[name]["columns"])
-    assert schema["massive.csv"]["required"] is False and schema["cka.csv"]["required"] is True
+    assert schema["weights.csv"]["required"] is True
+    assert not any(schema[n]["required"] for n in ("cka.csv", "massive.csv", "results.json"))
+    assert schema["weights.csv"]["required_columns"] == [
+        "base", "descendant", "tensor", "normalized_diff",
+    ]  # fmt: skip
 
 
 def test_interrupted_write_keeps_the_old_file(
@@ -345,3 +362,105 @@ def test_bundle_files_are_readable_like_any_new_file(tmp_path: Path) -> None:
     finally:
         os.umask(mask)
     assert (tmp_path / "x.csv").stat().st_mode & 0o777 == 0o644
+
+
+# ------------------------------------------------------------ format versions and imports
+def test_version_1_bundle_with_a_layer_column_is_still_read(
+    written: tuple[Path, list[PairResult]],
+) -> None:
+    """Version 1 named the block column ``layer``; the numbers mean the same."""
+    out, results = written
+    _replace_line(out / "weights.csv", 1, ",block,", ",layer,")
+    doc = json.loads((out / "results.json").read_text())
+    doc["version"] = 1
+    (out / "results.json").write_text(json.dumps(doc))
+    got = read_bundle(out)
+    _assert_same_results(got.results, results)
+    assert [w.block for w in got.results[0].weights][:4] == [0, 1, 2, 3]
+
+
+def test_a_newer_bundle_version_is_refused_by_name(written: tuple[Path, list[PairResult]]) -> None:
+    out, _ = written
+    doc = json.loads((out / "results.json").read_text())
+    doc["version"] = 3
+    (out / "results.json").write_text(json.dumps(doc))
+    with pytest.raises(BundleError, match=r"version 3; this reasondiff reads .* versions 1 to 2"):
+        read_bundle(out)
+
+
+def test_weights_only_import_infers_pairs_blocks_components_and_layer_count(
+    tmp_path: Path,
+) -> None:
+    """Another tool's per-tensor CSV: four columns, no cka.csv, no results.json."""
+    (tmp_path / "weights.csv").write_text(
+        "base,descendant,tensor,normalized_diff,relative_diff\n"
+        "Qwen/Qwen2.5-Math-7B,sail/Qwen2.5-Math-7B-Oat-Zero,model.layers.0.mlp.up_proj.weight,0.002,\n"
+        "Qwen/Qwen2.5-Math-7B,sail/Qwen2.5-Math-7B-Oat-Zero,model.layers.27.self_attn.q_proj.bias,0.003,0.5\n"
+        "Qwen/Qwen2.5-Math-7B,sail/Qwen2.5-Math-7B-Oat-Zero,model.embed_tokens.weight,0.001,\n"
+        "Qwen/Qwen2.5-Math-7B,deepseek-ai/DeepSeek-R1-Distill-Qwen-7B,model.layers.3.mlp.down_proj.weight,0.2,\n"
+    )
+    got = read_bundle(tmp_path)
+    assert got.verdicts == [] and got.config == {}
+    rl, sft = got.results
+    assert rl.info == PairInfo(
+        "qwen-qwen2.5-math-7b__sail-qwen2.5-math-7b-oat-zero",
+        "Qwen/Qwen2.5-Math-7B",
+        "sail/Qwen2.5-Math-7B-Oat-Zero",
+        "Qwen/Qwen2.5-Math-7B",
+        "sail/Qwen2.5-Math-7B-Oat-Zero",
+        num_layers=28,  # blocks 0..27 seen
+    )
+    assert [(w.block, w.component) for w in rl.weights] == [
+        (0, "mlp.up_proj.weight"),
+        (27, "self_attn.q_proj.bias"),
+        (-1, "model.embed_tokens.weight"),
+    ]
+    assert [w.normalized_diff for w in rl.weights] == [0.002, 0.003, 0.001]
+    assert math.isnan(rl.weights[0].relative_diff) and rl.weights[1].relative_diff == 0.5
+    assert all(math.isnan(w.mean_abs_diff) and w.note == "" and w.shape == () for w in rl.weights)
+    assert rl.cka == [] and rl.trace_sets == [] and sft.info.num_layers == 4
+
+
+def test_import_with_empty_block_column_and_cka_rows_infers_from_names_and_rows(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "weights.csv").write_text(
+        "base,descendant,tensor,block,component,shape,normalized_diff,relative_diff,mean_abs_diff,note\n"
+        "b,d,model.layers.1.mlp.up_proj.weight,,,4x2,0.1,,,\n"
+        "b,d,model.norm.weight,-1,final norm,,0.2,,,\n"
+    )
+    (tmp_path / "cka.csv").write_text(
+        "base,descendant,trace,layer,metric,value\n"
+        + "".join(f"b,d,s:t0,{layer},linear,1.0\n" for layer in range(6))
+    )
+    (res,) = read_bundle(tmp_path).results
+    assert [(w.block, w.component, w.shape) for w in res.weights] == [
+        (1, "mlp.up_proj.weight", (4, 2)),
+        (-1, "final norm", ()),
+    ]
+    assert res.info.num_layers == 5 and res.trace_sets == ["s"]  # L = largest hidden state
+
+
+def test_results_json_without_method_group_or_layer_count(
+    written: tuple[Path, list[PairResult]],
+) -> None:
+    """The reader treats method, group and num_layers as optional: so must PairInfo."""
+    out, results = written
+    doc = json.loads((out / "results.json").read_text())
+    for p in doc["pairs"]:
+        for key in ("method", "group", "num_layers", "expect"):
+            del p["info"][key]
+    (out / "results.json").write_text(json.dumps(doc))
+    got = read_bundle(out).results
+    assert [(r.info.method, r.info.group, r.info.expect) for r in got] == [(None, None, {})] * 2
+    assert [r.info.num_layers for r in got] == [4, 4]  # from cka.csv: hidden states 0..4
+    assert len(got[0].cka) == len(results[0].cka)
+
+
+def test_cka_csv_is_optional(written: tuple[Path, list[PairResult]]) -> None:
+    out, results = written
+    (out / "cka.csv").unlink()
+    got = read_bundle(out).results
+    assert [len(r.cka) for r in got] == [0, 0]
+    assert [len(r.weights) for r in got] == [len(r.weights) for r in results]
+    assert got[0].info.num_layers == 4 and got[0].trace_sets == ["a", "b"]

@@ -77,6 +77,21 @@ def test_figure_3_one_panel_per_component() -> None:
     assert fig.axes[0].get_title() == "q_proj"
 
 
+def test_weight_axes_say_block_and_cka_axes_say_hidden_state_layer() -> None:
+    """One layer numbering: weights by decoder block, CKA by hidden-state index."""
+    data = make_report_data()
+    fig3 = figures.build_figure_3(data)
+    assert fig3 is not None
+    xlabels = {ax.get_xlabel() for ax in fig3.axes} - {""}
+    assert xlabels == {"block (0-based decoder block)"}
+    assert "per decoder block" in fig3.get_suptitle()
+    for build in (figures.build_figure_1, figures.build_figure_2, figures.build_figure_4):
+        fig = build(data)
+        assert fig is not None
+        labels = {ax.get_xlabel() for ax in fig.axes} - {""}
+        assert labels == {"layer (hidden state: 0 = embeddings, L = after final norm)"}, build
+
+
 def test_figure_3_colours_by_base_when_there_are_several() -> None:
     data = make_report_data()
     for pair in data.pairs[:3]:

@@ -318,3 +318,39 @@ def test_table_helpers() -> None:
     assert cache_line(CacheStats(1, 2, 3, 4)) == (
         "reasondiff cache: activations 1 computed, 2 loaded; weight diffs 3 computed, 4 loaded"
     )
+
+
+# ---------------------------------------------------------------- weight heatmap
+def _panel_rows(text: str, title: str) -> list[str]:
+    """The grid rows of the heatmap panel titled ``title`` (one panel per line block)."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if f"─ {title} " in ln)
+    rows = []
+    for ln in lines[start + 1 :]:
+        if ln.startswith("╰"):
+            break
+        rows.append(ln)
+    return rows
+
+
+def test_heatmap_scales_each_pair_so_an_outlier_hides_no_other_pair() -> None:
+    """The toy group's planted 2.0 once made SFT diffs of 0.2 print as uniform '░'."""
+    data = ReportData()
+    for desc, method in (("toy-massive", None), ("toy-sft-b", "SFT")):
+        pid = f"toy-base__{desc}"
+        data.pairs.append(PairInfo(pid, "toy-base", desc, "toy:base", f"toy:{desc}", method, "toy"))
+        if desc == "toy-massive":
+            comps = {"mlp.up_proj.weight": [0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.01, 0.0, 0.0]}
+        else:
+            comps = {"mlp.up_proj.weight": [0.1 + 0.01 * b for b in range(10)]}
+        data.weight_layers[pid] = comps
+    text = render_plain_summary(data, width=60)  # narrow: one panel per line block
+    sft = "".join(_panel_rows(text, "toy-sft-b"))
+    massive = "".join(_panel_rows(text, "toy-massive"))
+    assert "█" in sft and "▓" in sft  # its own largest value is the darkest shade
+    assert "toy-sft-b (max 0.19)" in text and "toy-massive (max 2)" in text
+    assert "█" in massive and "░" in massive  # block 7's small change stays visible
+    assert "block" in sft and "layer" not in sft  # the axis is the decoder block index
+    flat = " ".join(text.split())
+    assert "decoder block (columns, 0-based), each pair on its own linear scale" in flat
+    assert "the pair's largest value (in its title)" in flat

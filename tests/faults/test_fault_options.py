@@ -136,10 +136,13 @@ def _bundle(root: Path) -> Path:
 @pytest.mark.parametrize(
     ("damage", "needles"),
     [
-        (lambda b: (b / "results.json").unlink(), ["results.json: missing from the bundle"]),
         (
-            lambda b: (b / "cka.csv").unlink(),
-            ["cka.csv: missing from the bundle", "weights.csv, cka.csv"],
+            lambda b: (b / "results.json").write_text("{not json"),
+            ["results.json: not readable JSON"],
+        ),
+        (
+            lambda b: (b / "weights.csv").unlink(),
+            ["weights.csv: missing from the bundle", "a bundle needs weights.csv"],
         ),
         (
             lambda b: (b / "cka.csv").write_text(
@@ -149,7 +152,7 @@ def _bundle(root: Path) -> Path:
         ),
         (lambda b: None, []),  # control: the intact bundle replays
     ],
-    ids=["no-results-json", "no-cka-csv", "wrong-column", "intact"],
+    ids=["broken-results-json", "no-weights-csv", "wrong-column", "intact"],
 )
 def test_from_results_bundle_problems_are_usage_errors(
     run_pytest: Any, tmp_path: Path, damage: Any, needles: list[str]

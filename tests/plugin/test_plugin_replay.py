@@ -131,3 +131,67 @@ def test_report_dir_rewrites_the_bundle(
     assert result.ret == 0
     assert (out / "results.json").is_file() and (out / "cka.csv").is_file()
     assert "reasondiff cache: activations 0 computed, 0 loaded" in result.stdout.str()
+
+
+# ---------------------------------------------------------- weights-only import bundles
+_QWEN = "Qwen/Qwen2.5-Math-7B"
+_OAT = "sail/Qwen2.5-Math-7B-Oat-Zero"  # registry: RL descendant, expects weight_distributed
+
+
+def _weights_only_bundle(root: Path, per_block: list[float]) -> Path:
+    """Another tool's per-tensor CSV as a bundle: 4 columns, no cka.csv, no results.json."""
+    root.mkdir()
+    lines = ["base,descendant,tensor,normalized_diff"]
+    for block, diff in enumerate(per_block):
+        for comp in ("self_attn.q_proj.weight", "mlp.up_proj.weight"):
+            lines.append(f"{_QWEN},{_OAT},model.layers.{block}.{comp},{diff!r}")
+    lines.append(f"{_QWEN},{_OAT},model.embed_tokens.weight,0.001")
+    (root / "weights.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_weights_only_bundle_runs_weight_findings_and_skips_cka_findings(
+    pytester: pytest.Pytester, copy_project: Any
+) -> None:
+    copy_project(pytester.path, snapshots=False)
+    bundle = _weights_only_bundle(pytester.path / "imported", [0.002] * 28)
+    result = pytester.runpytest_subprocess(
+        "diffs", "-p", "no:cacheprovider", "--from-results", str(bundle), "-rA"
+    )
+    assert result.ret == 0, result.stdout.str()[-3000:]
+    pid = "qwen25-math-7b__qwen25-math-7b-oat-zero"  # matched to the registry by hub id
+    result.stdout.fnmatch_lines(
+        [
+            f"PASSED diffs/test_weight_distributed.py::test_weight_change_distributed[{pid}]",
+            f"SKIPPED * {pid}: the results bundle {bundle} has no CKA rows for this pair "
+            "(weights only); CKA findings need its cka.csv",
+        ]
+    )
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] == 1 and "failed" not in outcomes and "error" not in outcomes
+
+
+def test_weights_only_bundle_gets_the_registry_expectation(
+    pytester: pytest.Pytester, copy_project: Any
+) -> None:
+    """All change in one block contradicts the registry's weight_distributed = true."""
+    copy_project(pytester.path, snapshots=False)
+    bundle = _weights_only_bundle(pytester.path / "imported", [0.0] * 27 + [0.5])
+    result = pytester.runpytest_subprocess(
+        "diffs", "-p", "no:cacheprovider", "--from-results", str(bundle), "-k", "distributed"
+    )
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        ["*qwen25-math-7b__qwen25-math-7b-oat-zero weight_distributed: expected yes, observed no*"]
+    )
+
+
+def test_bundle_with_some_cka_rows_still_fails_on_missing_ones(
+    pytester: pytest.Pytester, copy_project: Any
+) -> None:
+    """Only a pair with no CKA rows at all skips; a missing metric is still a failure."""
+    result = synthetic_result([1.0] * 11)
+    result.cka = [r for r in result.cka if r.metric != "linear_prenorm"]
+    run = run_replay(pytester, copy_project, result, "-k", "final_layer")
+    assert run.ret == pytest.ExitCode.TESTS_FAILED
+    run.stdout.fnmatch_lines(["*mine__theirs: no linear_prenorm rows*"])
