@@ -34,12 +34,23 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ModelLoadError, ReasondiffError
-from .records import CacheStats, CkaRecord, MassiveRecord, PairInfo, PairResult, WeightRecord
+from .errors import ReasondiffError
+from .metric_store import (
+    blocking_lock,
+    cache_key,
+    layer_key,
+    peek,
+    release,
+    rows_from_entry,
+    try_lock,
+    weight_from_row,
+    weight_to_row,
+)
+from .records import CacheStats, PairInfo, PairResult, WeightRecord
 from .registry import ModelSpec, PairSpec, slug
 
 if TYPE_CHECKING:
@@ -81,7 +92,7 @@ class EngineConfig:
             layers=options.layers,
             dominant_k=options.dominant_k,
             rbf_median=getattr(options, "rbf_median", "offdiag"),
-            keep_activations=getattr(options, "keep_activations", False),
+            keep_activations=options.keep_activations,
             diff_cache_cap=options.diff_cache_cap,
             torch_threads=options.torch_threads,
             trust_remote_code=options.trust_remote_code,
@@ -109,10 +120,6 @@ class _Job:
     notes: list[str] = field(default_factory=list)
     entries: Entries = field(default_factory=dict)
     error: Exception | None = None
-
-
-class _Miss(Exception):
-    """Raised inside a cache compute callback to peek without computing."""
 
 
 class Engine:
@@ -230,7 +237,7 @@ class Engine:
             manifest, entries = self._pair_entries(pair, mates, src, layers, num_layers)
             for tid in manifest["traces"]:
                 for lay in layers:
-                    _rows_from_entry(entries[tid][lay], pair, f"{src.name}:{tid}", lay, result)
+                    rows_from_entry(entries[tid][lay], pair, f"{src.name}:{tid}", lay, result)
             for note in manifest["notes"]:
                 msg = f"{pair.pair_id} [{src.name}]: {note}"
                 if msg not in result.notes:
@@ -387,7 +394,7 @@ class Engine:
                 recs = stream_weight_diff(
                     base_dir, desc_dir, base_name=pair.base.key, desc_name=pair.descendant.key
                 )
-            return [_weight_to_row(r) for r in recs]
+            return [weight_to_row(r) for r in recs]
 
         cache = self._json_cache("weightdiff")
         rows = cache.get_or_compute(key, compute)
@@ -397,7 +404,7 @@ class Engine:
         else:
             self.stats.weight_diffs_loaded += 1
         # Names in the records follow this pair, whatever pair computed the cached entry.
-        return [_weight_from_row(r, pair.base.key, pair.descendant.key) for r in rows]
+        return [weight_from_row(r, pair.base.key, pair.descendant.key) for r in rows]
 
     # ------------------------------------------------------------------ CKA entries
     def pair_key(self, pair: PairSpec, src: TraceSource) -> str:
@@ -437,7 +444,7 @@ class Engine:
                 self._run_pass(pair.base, [job for job, _ in claimed], src, layers, num_layers)
         finally:
             for _, lock in claimed:
-                _release(lock)
+                release(lock)
         if key in self._pass_errors:
             raise self._pass_errors.pop(key)
         found = self._known_entries(key, layers)
@@ -445,7 +452,7 @@ class Engine:
             return found
         # Another process holds this pair: wait for it, then read what it wrote. If it
         # died or failed, compute the pair here, alone.
-        with _blocking_lock(self.config.cache_dir, key):
+        with blocking_lock(self.config.cache_dir, key):
             found = self._known_entries(key, layers)
             if found is None:
                 job = _Job(pair=pair, key=key, desc_dir=self._resolve(pair.descendant))
@@ -477,11 +484,11 @@ class Engine:
                 continue  # a sibling's problem is reported by its own test
             if self._known_entries(key, layers) is not None:
                 continue
-            lock = _try_lock(self.config.cache_dir, key)
+            lock = try_lock(self.config.cache_dir, key)
             if lock is None:
                 continue  # another process is computing it
             if self._known_entries(key, layers) is not None:
-                _release(lock)
+                release(lock)
                 continue
             claimed.append((_Job(pair=p, key=key, desc_dir=desc_dir), lock))
         return claimed
@@ -492,14 +499,14 @@ class Engine:
             return self._entries[key]
         cache = self._json_cache("metrics")
         with self.stage("metric cache"):
-            manifest = _peek(cache, cache_key(kind="manifest", pair=key))
+            manifest = peek(cache, cache_key(kind="manifest", pair=key))
             if manifest is None:
                 return None
             entries: Entries = {}
             for tid in manifest["traces"]:
                 entries[tid] = {}
                 for lay in layers:
-                    entry = _peek(cache, _layer_key(key, tid, lay))
+                    entry = peek(cache, layer_key(key, tid, lay))
                     if entry is None:
                         return None
                     entries[tid][lay] = entry
@@ -587,7 +594,7 @@ class Engine:
     def _fill_cached(self, job: _Job, trace: Trace, layers: list[int]) -> bool:
         """Take this trace's entries from the cache when all are there; True if any miss."""
         cache = self._json_cache("metrics")
-        have = {lay: _peek(cache, _layer_key(job.key, trace.id, lay)) for lay in layers}
+        have = {lay: peek(cache, layer_key(job.key, trace.id, lay)) for lay in layers}
         if any(e is None for e in have.values()):
             return True
         job.entries[trace.id] = {lay: e for lay, e in have.items() if e is not None}
@@ -651,7 +658,7 @@ class Engine:
                 for job in todo:
                     if job.error is None:
                         entry = per_job[job.key]
-                        key = _layer_key(job.key, trace.id, lay)
+                        key = layer_key(job.key, trace.id, lay)
                         stored = cache.get_or_compute(key, lambda e=entry: e)
                         job.entries.setdefault(trace.id, {})[lay] = stored
                         self.stats.metrics_computed += 1
@@ -722,106 +729,13 @@ class Engine:
             assert job.traces is not None
             manifest = {"traces": [t.id for t in job.traces.traces], "notes": job.notes}
             stored = cache.get_or_compute(
-                cache_key(kind="manifest", pair=job.key), lambda: manifest
+                cache_key(kind="manifest", pair=job.key), lambda m=manifest: m
             )
             self._entries[job.key] = (stored, job.entries)
         self._note_cache_state(cache)
 
 
-# ---------------------------------------------------------------------- compare()
-def compare(
-    base: str,
-    descendants: Sequence[str],
-    *,
-    traces: str | Path | Sequence[str | Path] = "toy",
-    device: str = "auto",
-    dtype: str = "auto",
-    max_tokens: int = 4096,
-    layers: Sequence[int] | None = None,
-    dominant_k: int = 10,
-    rbf_median: str = "offdiag",
-    keep_activations: bool = False,
-    cache_dir: str | Path | None = None,
-    registry: Sequence[str | Path] = (),
-    method: str | None = None,
-) -> list[PairResult]:
-    """Compare a base with its descendants; the pytest suite's work as one function call.
-
-    ``base`` and ``descendants`` are registry keys (``r1-distill-qwen-7b``), hub ids
-    (``org/name[@rev]``), local checkpoint folders or ``toy:<recipe>``. ``traces`` is a
-    trace-set JSONL file, ``"toy"`` (the toy family's set ``a``) or a list of those (the
-    first is primary). Returns one :class:`~reasondiff.records.PairResult` per
-    descendant, in order: weight-diff records, CKA rows per (trace, layer) and the
-    registry's expectations; pass them to :mod:`reasondiff.metrics.aggregate` for curves
-    and to :mod:`reasondiff.metrics.findings` for verdicts. Per trace there is one base
-    forward and one per descendant; results land in the same metric cache the pytest
-    suite uses (``cache_dir``, default ``$REASONDIFF_CACHE`` or ``~/.cache/reasondiff``).
-    """
-    from .cache import default_cache_dir
-    from .registry import Registry
-
-    reg = Registry.load([str(p) for p in registry])
-    base_spec = _spec(reg, base)
-    pairs = []
-    for d in descendants:
-        spec = _spec(reg, d, base=base_spec.key, method=method)
-        group = spec.groups[0] if spec.base == base_spec.key and spec.groups else None
-        pairs.append(PairSpec(base=base_spec, descendant=spec, group=group))
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    config = EngineConfig(
-        cache_dir=root,
-        device=device,
-        dtype=dtype,
-        max_tokens=max_tokens,
-        layers=tuple(layers) if layers is not None else None,
-        dominant_k=dominant_k,
-        rbf_median=rbf_median,
-        keep_activations=keep_activations,
-    )
-    specs = [traces] if isinstance(traces, str | Path) else list(traces)
-
-    def paths() -> list[Path]:
-        return [
-            resolve_trace_path(s, root / "toy", which)
-            for s, which in zip(specs, "abcdefgh", strict=False)
-        ]
-
-    engine = Engine(config, trace_paths=paths)
-    return [engine.pair_result(p, pairs) for p in pairs]
-
-
-def _spec(reg: Any, ref: str, *, base: str | None = None, method: str | None = None) -> ModelSpec:
-    if ref in reg.models:
-        return reg.models[ref]  # type: ignore[no-any-return]
-    found = reg.find_by_source(ref)
-    if found is not None:
-        return found  # type: ignore[no-any-return]
-    from .registry import adhoc_pair
-
-    pair = adhoc_pair(ref, ref, method=method)
-    return ModelSpec(key=pair.base.key, source=ref, base=base, method=method)
-
-
-def resolve_trace_path(spec: str | Path, toy_root: Path, which: str = "a") -> Path:
-    """A trace-set file: ``"toy"`` builds (once) and returns the toy set ``which``."""
-    if str(spec) == "toy":
-        from reasondiff.fixtures.toy_traces import ensure_toy_traces
-
-        return Path(ensure_toy_traces(toy_root, which))
-    return Path(spec).expanduser()
-
-
-# ---------------------------------------------------------------------- helpers (pure)
-def cache_key(**parts: str) -> str:
-    from .cache import cache_key as key
-
-    return str(key(**parts))
-
-
-def _layer_key(pair_key: str, trace_id: str, layer: int) -> str:
-    return cache_key(kind="layer", pair=pair_key, trace=trace_id, layer=str(layer))
-
-
+# ---------------------------------------------------------------------- helpers
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -843,122 +757,19 @@ def _resolve_dtype(option: str, device: str, model_dir: Path) -> str:
     return str(own).removeprefix("torch.")
 
 
-def _lock_path(root: Path, pair_key: str) -> Path:
-    return root / "locks" / f"pair-{pair_key}.lock"
-
-
-def _try_lock(root: Path, pair_key: str) -> Any:
-    """A held per-pair file lock, ``None`` if another process holds it, or ``False``
-    (meaning: go ahead without a lock) when the cache dir is unusable."""
-    from filelock import FileLock, Timeout
-
-    try:
-        _lock_path(root, pair_key).parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(_lock_path(root, pair_key)))
-        lock.acquire(timeout=0)
-    except Timeout:
-        return None
-    except OSError:  # read-only / full disk: the caches compute in memory anyway
-        return False
-    return lock
-
-
-def _release(lock: Any) -> None:
-    if lock:
-        lock.release()
-
-
-@contextmanager
-def _blocking_lock(root: Path, pair_key: str) -> Iterator[None]:
-    """Wait for the per-pair lock (another process computing the pair)."""
-    from filelock import FileLock
-
-    try:
-        _lock_path(root, pair_key).parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(_lock_path(root, pair_key)))
-        lock.acquire()
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _peek(cache: Any, key: str) -> Any:
-    """The cached value for ``key`` or None, never computing (works with any JsonCache)."""
-    path_of = getattr(cache, "entry_path", None)
-    if callable(path_of) and not Path(path_of(key)).is_file():
-        return None
-    getter = getattr(cache, "get", None)
-    if callable(getter):
-        return getter(key)
-
-    def miss() -> Any:
-        raise _Miss
-
-    try:
-        return cache.get_or_compute(key, miss)
-    except _Miss:
-        return None
-
-
 def read_config(path: Path, name: str) -> dict[str, Any]:
-    """A checkpoint's config.json (text_config merged in for multimodal configs)."""
-    cfg_path = path / "config.json"
-    try:
-        data = json.loads(cfg_path.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{name}: cannot read {cfg_path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{name}: {cfg_path} is not a JSON object")
+    """A checkpoint's config.json, ``text_config`` merged in (multimodal configs)."""
+    from .models import read_config as read
+
+    data = read(path, name=name)
     inner = data.get("text_config")
     return {**data, **inner} if isinstance(inner, dict) else data
 
 
-def _rows_from_entry(
-    entry: dict[str, Any], pair: PairSpec, trace: str, layer: int, result: PairResult
-) -> None:
-    b, d = pair.base.key, pair.descendant.key
-    for metric, value in entry["metrics"].items():
-        result.cka.append(CkaRecord(b, d, trace, layer, metric, float(value)))
-    for side, model in (("base", b), ("descendant", d)):
-        positions, max_abs = entry["massive"][side]
-        result.massive.append(
-            MassiveRecord(model, trace, layer, tuple(int(p) for p in positions), float(max_abs))
-        )
+def resolve_trace_path(spec: str | Path, toy_root: Path, which: str = "a") -> Path:
+    """A trace-set file: ``"toy"`` builds (once) and returns the toy set ``which``."""
+    if str(spec) == "toy":
+        from reasondiff.fixtures.toy_traces import ensure_toy_traces
 
-
-def _weight_to_row(r: WeightRecord) -> list[Any]:
-    d = asdict(r)
-    return [
-        d["tensor"],
-        d["layer"],
-        d["component"],
-        list(d["shape"]),
-        _json_float(d["normalized_diff"]),
-        _json_float(d["relative_diff"]),
-        _json_float(d["mean_abs_diff"]),
-        d["note"],
-    ]
-
-
-def _weight_from_row(row: list[Any], base: str, desc: str) -> WeightRecord:
-    return WeightRecord(
-        base=base,
-        descendant=desc,
-        tensor=row[0],
-        layer=int(row[1]),
-        component=row[2],
-        shape=tuple(int(s) for s in row[3]),
-        normalized_diff=float(row[4]),
-        relative_diff=float(row[5]),
-        mean_abs_diff=float(row[6]),
-        note=row[7],
-    )
-
-
-def _json_float(v: float) -> float | str:
-    """Strict JSON has no NaN: NaN/Inf go as strings (weight records use NaN on purpose)."""
-    return v if math.isfinite(v) else repr(float(v))
+        return Path(ensure_toy_traces(toy_root, which))
+    return Path(spec).expanduser()

@@ -343,6 +343,12 @@ _FLAGS = (
         "trust_remote_code",
         "allow checkpoints that need remote code (auto_map)",
     ),
+    (
+        "--keep-activations",
+        "keep_activations",
+        "also store hidden states in the activation cache (N x D per layer and trace; "
+        "default: only metric results are cached)",
+    ),
 )
 
 
@@ -398,6 +404,7 @@ class DiffOptions:
     require_models: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    keep_activations: bool = False
     model_group_given: bool = field(default=False, compare=False)
 
     @property

@@ -1,0 +1,89 @@
+"""``reasondiff.compare``: the suite's comparison as one function call (notebooks, scripts).
+
+The same engine the pytest session uses (:class:`~reasondiff.engine.Engine`), the same
+metric cache, no pytest. Verdicts come from :mod:`reasondiff.metrics.findings` applied
+to the curves of :mod:`reasondiff.metrics.aggregate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .engine import Engine, EngineConfig, resolve_trace_path
+from .records import PairResult
+from .registry import ModelSpec, PairSpec
+
+
+def compare(
+    base: str,
+    descendants: Sequence[str],
+    *,
+    traces: str | Path | Sequence[str | Path] = "toy",
+    device: str = "auto",
+    dtype: str = "auto",
+    max_tokens: int = 4096,
+    layers: Sequence[int] | None = None,
+    dominant_k: int = 10,
+    rbf_median: str = "offdiag",
+    keep_activations: bool = False,
+    cache_dir: str | Path | None = None,
+    registry: Sequence[str | Path] = (),
+    method: str | None = None,
+) -> list[PairResult]:
+    """Compare a base with its descendants; the pytest suite's work as one function call.
+
+    ``base`` and ``descendants`` are registry keys (``r1-distill-qwen-7b``), hub ids
+    (``org/name[@rev]``), local checkpoint folders or ``toy:<recipe>``. ``traces`` is a
+    trace-set JSONL file, ``"toy"`` (the toy family's set ``a``) or a list of those (the
+    first is primary). Returns one :class:`~reasondiff.records.PairResult` per
+    descendant, in order: weight-diff records, CKA rows per (trace, layer) and the
+    registry's expectations; pass them to :mod:`reasondiff.metrics.aggregate` for curves
+    and to :mod:`reasondiff.metrics.findings` for verdicts. Per trace there is one base
+    forward and one per descendant; results land in the same metric cache the pytest
+    suite uses (``cache_dir``, default ``$REASONDIFF_CACHE`` or ``~/.cache/reasondiff``).
+    """
+    from .cache import default_cache_dir
+    from .registry import Registry
+
+    reg = Registry.load([str(p) for p in registry])
+    base_spec = _spec(reg, base)
+    pairs = []
+    for d in descendants:
+        spec = _spec(reg, d, base=base_spec.key, method=method)
+        group = spec.groups[0] if spec.base == base_spec.key and spec.groups else None
+        pairs.append(PairSpec(base=base_spec, descendant=spec, group=group))
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    config = EngineConfig(
+        cache_dir=root,
+        device=device,
+        dtype=dtype,
+        max_tokens=max_tokens,
+        layers=tuple(layers) if layers is not None else None,
+        dominant_k=dominant_k,
+        rbf_median=rbf_median,
+        keep_activations=keep_activations,
+    )
+    specs = [traces] if isinstance(traces, str | Path) else list(traces)
+
+    def paths() -> list[Path]:
+        return [
+            resolve_trace_path(s, root / "toy", which)
+            for s, which in zip(specs, "abcdefgh", strict=False)
+        ]
+
+    engine = Engine(config, trace_paths=paths)
+    return [engine.pair_result(p, pairs) for p in pairs]
+
+
+def _spec(reg: Any, ref: str, *, base: str | None = None, method: str | None = None) -> ModelSpec:
+    if ref in reg.models:
+        return reg.models[ref]  # type: ignore[no-any-return]
+    found = reg.find_by_source(ref)
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    from .registry import adhoc_pair
+
+    pair = adhoc_pair(ref, ref, method=method)
+    return ModelSpec(key=pair.base.key, source=ref, base=base, method=method)

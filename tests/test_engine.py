@@ -1,0 +1,242 @@
+"""The comparison engine: values equal to the pairwise path, forwards shared, caches honoured.
+
+"Today's path" below is the per-pair scoring the session did before the engine existed
+(each side prepared from scratch, the CPU's automatic form), written out here from the
+public metric functions as the independent reference. The engine prepares the base once
+per (trace, layer) and, on a GPU, holds N x N Gram matrices instead (``form="gram"``);
+both must give the same values to 1e-9, on random data with massive activations and on
+the toy family.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from reasondiff import activations
+from reasondiff.api import compare
+from reasondiff.engine import Engine, EngineConfig
+from reasondiff.fixtures.toy import ensure_toy_model
+from reasondiff.metrics import (
+    CkaStats,
+    dominant_datapoints,
+    linear_cka_and_ablated,
+    massive_activations,
+    pc1_carried_share,
+    pc1_share,
+    projection_norm_correlation,
+    rbf_cka_prepared,
+    top_norm_overlap,
+)
+from reasondiff.metrics.layer import LAYER_METRICS, prepare_base_layer, score_layer
+from reasondiff.registry import ModelSpec, PairSpec
+
+TOY = ("base", "massive", "sft-a", "rl-a")
+
+
+def reference_scores(x: torch.Tensor, y: torch.Tensor, *, k: int = 10, median: str = "offdiag") -> dict[str, float]:
+    """Today's per-pair path (the session's ``_score_layer`` before the engine)."""
+    sx = CkaStats.from_matrix(x, name="x")
+    sy = CkaStats.from_matrix(y, name="y")
+    u = dominant_datapoints(sx, sy, k=k)
+    linear, without = linear_cka_and_ablated(sx, sy, u)
+    return {
+        "linear": linear,
+        "rbf": rbf_cka_prepared(sx, sy, median=median),  # type: ignore[arg-type]
+        "linear_without_dominant": without,
+        "pc1_share_base": pc1_share(sx),
+        "pc1_share_descendant": pc1_share(sy),
+        "pc1_carried": pc1_carried_share(sx, sy),
+        "dominant_count": float(u.numel()),
+        "top_norm_overlap_base": top_norm_overlap(sx, k=k),
+        "top_norm_overlap_descendant": top_norm_overlap(sy, k=k),
+        "proj_norm_corr_base": projection_norm_correlation(sx),
+        "proj_norm_corr_descendant": projection_norm_correlation(sy),
+        "massive_count_base": float(len(massive_activations(x).positions)),
+        "massive_count_descendant": float(len(massive_activations(y).positions)),
+    }
+
+
+def massive_data(seed: int, n: int, d: int) -> torch.Tensor:
+    """Gaussian hidden states with a sink token carrying ~3e4 in a shared carrier dim."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    x[0, 3] = 3.0e4
+    x[5, 3] = 1.2e3
+    x[:, 3] += torch.randn(n, generator=g)  # every token has a small value there too
+    return x
+
+
+def assert_close(got: dict[str, Any], want: dict[str, float], tol: float, what: str) -> None:
+    assert set(got) == set(LAYER_METRICS)
+    for name in LAYER_METRICS:
+        assert abs(got[name] - want[name]) <= tol, f"{what} {name}: {got[name]!r} vs {want[name]!r}"
+
+
+@pytest.mark.parametrize("n, d", [(300, 64), (48, 96)], ids=["N>D", "N<D"])
+@pytest.mark.parametrize("form", ["auto", "gram"])
+@pytest.mark.parametrize("median", ["offdiag", "all"])
+def test_shared_base_scores_equal_todays_pairwise_path(n: int, d: int, form: str, median: str) -> None:
+    """One prepared base scores three descendants exactly as three fresh pairwise runs."""
+    x = massive_data(0, n, d)
+    base = prepare_base_layer(x, name="base", k=10, form=form)  # type: ignore[arg-type]
+    for i in range(3):
+        y = x + (0.3 * (i + 1)) * massive_data(10 + i, n, d) / 1e3
+        y[0, 3] *= 1.0 + 0.5 * i  # the massive token moves too
+        entry = score_layer(base, y, k=10, rbf_median=median, form=form)  # type: ignore[arg-type]
+        assert_close(entry["metrics"], reference_scores(x, y, median=median), 1e-9, f"desc {i}")
+        assert entry["massive"]["base"][0] == [0, 5]  # 3e4 and 1.2e3 are massive
+
+
+def test_gram_form_is_what_a_gpu_uses_and_matches_on_cpu() -> None:
+    """The GPU's form holds the N x N Gram even when N > D (shared RBF kernel)."""
+    x = massive_data(1, 200, 32)
+    side = prepare_base_layer(x, name="b", k=10, form="gram")
+    assert side.stats.gram is not None
+    auto = prepare_base_layer(x, name="b", k=10, form="auto")
+    assert auto.stats.gram is None  # N > D: the CPU keeps the feature form
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache root holding the toy checkpoints used here (built once per module)."""
+    root = tmp_path_factory.mktemp("engine-toy")
+    for recipe in TOY:
+        ensure_toy_model(root / "toy", recipe)
+    return root
+
+
+@pytest.fixture
+def fresh_cache(toy_root: Path, tmp_path: Path) -> Path:
+    """A cache root with the toy checkpoints but no metric results yet."""
+    shutil.copytree(toy_root / "toy", tmp_path / "toy", symlinks=True)
+    return tmp_path
+
+
+def _hidden(path: Path, ids: list[int]) -> dict[str, torch.Tensor]:
+    from reasondiff.models import load_model
+
+    model = load_model(path, device="cpu", dtype="float32", name=path.name)
+    return activations.extract_activations(model, ids)
+
+
+@pytest.mark.slow
+def test_engine_values_equal_todays_path_on_the_toy_family(fresh_cache: Path) -> None:
+    from reasondiff.fixtures.toy_traces import ensure_toy_traces
+    from reasondiff.traces import load_trace_set
+
+    results = compare(
+        "toy:base", ["toy:massive", "toy:sft-a"], traces="toy", cache_dir=fresh_cache, layers=[0, 4, 6]
+    )
+    traces = load_trace_set(ensure_toy_traces(fresh_cache / "toy", "a")).traces[:3]
+    base_dir = ensure_toy_model(fresh_cache / "toy", "base")
+    for result, recipe in zip(results, ["massive", "sft-a"], strict=True):
+        desc_dir = ensure_toy_model(fresh_cache / "toy", recipe)
+        got = {(r.trace, r.layer, r.metric): r.value for r in result.cka}
+        for trace in traces:
+            hb, hd = _hidden(base_dir, list(trace.token_ids)), _hidden(desc_dir, list(trace.token_ids))
+            for lay in (0, 4, 6, 10):
+                want = reference_scores(hb[f"hidden.{lay}"], hd[f"hidden.{lay}"])
+                mine = {m: got[(f"toy-a:{trace.id}", lay, m)] for m in LAYER_METRICS}
+                assert_close(mine, want, 1e-9, f"{recipe} {trace.id} layer {lay}")
+            pre = reference_scores(hb["prenorm.10"], hd["prenorm.10"])
+            assert abs(got[(f"toy-a:{trace.id}", 10, "linear_prenorm")] - pre["linear"]) <= 1e-9
+
+
+def _specs(recipes: list[str]) -> tuple[ModelSpec, list[PairSpec]]:
+    base = ModelSpec(key="toy-base", source="toy:base")
+    pairs = [
+        PairSpec(base=base, descendant=ModelSpec(key=f"toy-{r}", source=f"toy:{r}", base="toy-base"), group=None)
+        for r in recipes
+    ]
+    return base, pairs
+
+
+def _engine(cache: Path, *, workers: int | None = None, keep: bool = False) -> Engine:
+    from reasondiff.engine import resolve_trace_path
+
+    config = EngineConfig(cache_dir=cache, layers=(0, 5), keep_activations=keep)
+    return Engine(
+        config,
+        trace_paths=lambda: [resolve_trace_path("toy", cache / "toy", "a")],
+        worker_count=workers,
+    )
+
+
+@pytest.mark.slow
+def test_one_base_forward_per_trace_for_all_descendants_and_a_warm_rerun_loads_nothing(
+    fresh_cache: Path,
+) -> None:
+    _, pairs = _specs(["massive", "sft-a", "rl-a"])
+    engine = _engine(fresh_cache)
+    first = engine.pair_result(pairs[0], pairs)
+    traces = len(engine.sources()[0].trace_set.traces)
+    assert engine.forwards == traces * (len(pairs) + 1)  # k + 1 per trace
+    for p in pairs[1:]:  # the siblings were scored in the same pass
+        engine.pair_result(p, pairs)
+    assert engine.forwards == traces * (len(pairs) + 1)
+    assert not (fresh_cache / "activations").exists(), "a default run writes no activations"
+
+    warm = _engine(fresh_cache)
+    before = activations.FORWARD_COUNTER.count
+    again = warm.pair_result(pairs[0], pairs)
+    assert activations.FORWARD_COUNTER.count == before
+    assert warm.forwards == 0 and "load" not in warm.stage_seconds and not warm._models
+    assert again.cka == first.cka
+    assert warm.stats.metrics_computed == 0 and warm.stats.metrics_loaded > 0
+
+
+@pytest.mark.slow
+def test_two_workers_split_the_descendants_within_k_plus_workers_forwards(fresh_cache: Path) -> None:
+    """Worker A claims ceil(k / 2) pairs, worker B the rest: k + 2 forwards per trace."""
+    _, pairs = _specs(["massive", "sft-a", "rl-a"])
+    a, b = _engine(fresh_cache, workers=2), _engine(fresh_cache, workers=2)
+    ra = a.pair_result(pairs[0], pairs)
+    traces = len(a.sources()[0].trace_set.traces)
+    assert a.forwards == traces * 3  # base + 2 claimed descendants
+    rb = [b.pair_result(p, pairs) for p in pairs]
+    assert b.forwards == traces * 2  # base + the one left
+    assert a.forwards + b.forwards <= traces * (len(pairs) + 2)
+    single = _engine(fresh_cache / "single")  # same values from a one-process run
+    shutil.copytree(fresh_cache / "toy", fresh_cache / "single" / "toy", symlinks=True)
+    assert [r.cka for r in (ra, *rb[1:])] == [single.pair_result(p, pairs).cka for p in pairs]
+
+
+@pytest.mark.slow
+def test_keep_activations_stores_and_reuses_hidden_states(fresh_cache: Path) -> None:
+    _, pairs = _specs(["massive"])
+    first = _engine(fresh_cache, keep=True)
+    r1 = first.pair_result(pairs[0], pairs)
+    assert list((fresh_cache / "activations").rglob("*.safetensors"))
+    shutil.rmtree(fresh_cache / "json" / "metrics")  # metrics gone, activations kept
+    second = _engine(fresh_cache, keep=True)
+    r2 = second.pair_result(pairs[0], pairs)
+    assert second.forwards == 0 and second.stats.activations_loaded > 0
+    assert r2.cka == r1.cka
+
+
+@pytest.mark.slow
+def test_a_bad_sibling_does_not_fail_the_requested_pair(fresh_cache: Path, tmp_path: Path) -> None:
+    """A descendant whose checkpoint is broken fails its own result, not its siblings'."""
+    broken = tmp_path / "broken"
+    shutil.copytree(ensure_toy_model(fresh_cache / "toy", "rl-a"), broken)
+    (broken / "config.json").write_text('{"num_hidden_layers": 3}', "utf-8")
+    base, pairs = _specs(["massive"])
+    bad = PairSpec(base=base, descendant=ModelSpec(key="broken", source=str(broken), base="toy-base"), group=None)
+    engine = _engine(fresh_cache)
+    good = engine.pair_result(pairs[0], [*pairs, bad])
+    assert good.cka
+    with pytest.raises(Exception, match="broken"):
+        engine.pair_result(bad, [*pairs, bad])
+
+
+def test_engine_config_maps_every_option() -> None:
+    from reasondiff.options import DiffOptions
+
+    opts = DiffOptions(dtype="float32", layers=(1, 2), dominant_k=5, keep_activations=True)
+    cfg = EngineConfig.from_options(opts)
+    assert (cfg.dtype, cfg.layers, cfg.dominant_k, cfg.keep_activations) == ("float32", (1, 2), 5, True)
