@@ -496,6 +496,7 @@ class DiffSession:
         a pair another worker is computing (a group-level test) waits and then reads the
         finished entries instead of computing them a second time.
         """
+        from .options import rbf_median_key
         from .traces import trace_set_hash
 
         o = self.options
@@ -508,6 +509,7 @@ class DiffSession:
             dtype=self._dtype_name(),
             k=str(o.dominant_k),
             version=METRICS_VERSION,
+            **rbf_median_key(o.rbf_median),
         )
         cache = self._json_cache("metrics")
         found = self._cached_entries(cache, pair_key, layers)
@@ -592,7 +594,7 @@ class DiffSession:
         with self.stage("tokenize"):
             bcfg = _read_config(base_dir, pair.base.key)
             dcfg = _read_config(desc_dir, pair.descendant.key)
-            ids = token_ids_for_pair(
+            ids, retokenized = token_ids_for_pair(
                 src.trace_set,
                 self._tokenizer(base_dir),
                 self._tokenizer(desc_dir),
@@ -602,7 +604,7 @@ class DiffSession:
                 vocab_size_desc=int(dcfg.get("vocab_size", 0)) or None,
             )
             truncated, notes = truncate(ids, self.options.max_tokens)
-        return truncated, list(notes)
+        return truncated, [*retokenized, *notes]
 
     def _tokenizer(self, path: Path) -> Any:
         if path not in self._tokenizers:
@@ -634,6 +636,7 @@ class DiffSession:
                     xd[f"hidden.{lay}"],
                     k=k,
                     names=(f"{b} {where}", f"{d} {where}"),
+                    rbf_median=self.options.rbf_median,
                 )
                 if lay == num_layers:
                     pre = f"prenorm layer {lay}, trace {trace.id}"
@@ -642,6 +645,7 @@ class DiffSession:
                         xd[f"prenorm.{lay}"],
                         k=k,
                         names=(f"{b} {pre}", f"{d} {pre}"),
+                        rbf_median=self.options.rbf_median,
                     )
                     for m in ("linear", "rbf", "linear_without_dominant"):
                         entry["metrics"][f"{m}_prenorm"] = pre_entry["metrics"][m]
@@ -767,6 +771,7 @@ class DiffSession:
     def report_data(self) -> ReportData:
         """Everything the reports render, from the results and verdicts gathered so far."""
         from .metrics.aggregate import weight_layer_table, weight_outside_layers, weight_summary
+        from .options import rbf_median_note
 
         data = ReportData(
             verdicts=self.ordered_verdicts(),
@@ -774,6 +779,9 @@ class DiffSession:
             stage_seconds=dict(self.stage_seconds),
             notes=list(self.notes),
         )
+        rbf_note = rbf_median_note(self.options, self.bundle.config if self.bundle else None)
+        if rbf_note is not None:
+            data.notes.append(rbf_note)
         for r in self.ordered_results():
             pid = r.info.pair_id
             data.pairs.append(r.info)
@@ -873,7 +881,9 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
     return {**data, **inner} if isinstance(inner, dict) else data
 
 
-def _score_layer(x: Any, y: Any, *, k: int, names: tuple[str, str]) -> dict[str, Any]:
+def _score_layer(
+    x: Any, y: Any, *, k: int, names: tuple[str, str], rbf_median: str = "offdiag"
+) -> dict[str, Any]:
     """All CKA metrics and diagnostics of one layer of one trace (METHODS §2-§6).
 
     Each side's statistics are prepared once (``CkaStats``) and shared by every metric;
@@ -899,7 +909,7 @@ def _score_layer(x: Any, y: Any, *, k: int, names: tuple[str, str]) -> dict[str,
     my = massive_activations(y)
     values = {
         "linear": linear,
-        "rbf": rbf_cka_prepared(sx, sy),
+        "rbf": rbf_cka_prepared(sx, sy, median=rbf_median),  # type: ignore[arg-type]
         "linear_without_dominant": without,
         "pc1_share_base": pc1_share(sx),
         "pc1_share_descendant": pc1_share(sy),
