@@ -44,6 +44,7 @@ from .metric_store import (
     cache_key,
     layer_key,
     peek,
+    rbf_median_key,
     release,
     rows_from_entry,
     try_lock,
@@ -421,8 +422,8 @@ class Engine:
             max_tokens=str(c.max_tokens),
             dtype=f"{self.dtype_for(base_dir)}/{self.dtype_for(desc_dir)}",
             k=str(c.dominant_k),
-            rbf_median=c.rbf_median,
             version=METRICS_VERSION,
+            **rbf_median_key(c.rbf_median),
         )
 
     def _pair_entries(
@@ -566,7 +567,7 @@ class Engine:
                 with self.stage("tokenize"):
                     bcfg = read_config(base_dir, base.key)
                     dcfg = read_config(job.desc_dir, dname)
-                    ids = token_ids_for_pair(
+                    ids, retokenized = token_ids_for_pair(
                         src.trace_set,
                         self._tokenizer(base_dir),
                         self._tokenizer(job.desc_dir),
@@ -588,7 +589,7 @@ class Engine:
                 )
                 continue
             job.traces = truncated
-            job.notes = list(notes)
+            job.notes = [*retokenized, *notes]
         return chosen
 
     def _fill_cached(self, job: _Job, trace: Trace, layers: list[int]) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .metrics.defaults import RBF_MEDIAN
 from .records import CkaRecord, MassiveRecord, PairResult, WeightRecord
 from .registry import PairSpec
 
@@ -139,3 +140,12 @@ def weight_from_row(row: list[Any], base: str, desc: str) -> WeightRecord:
 def _json_float(v: float) -> float | str:
     """Strict JSON has no NaN: NaN/Inf go as strings (weight records use NaN on purpose)."""
     return v if math.isfinite(v) else repr(float(v))
+
+
+def rbf_median_key(convention: str) -> dict[str, str]:
+    """The metric-cache key part for the RBF median convention.
+
+    Empty for the default, so that caches computed before the option existed stay valid;
+    any other convention keys its own entries.
+    """
+    return {} if convention == RBF_MEDIAN else {"rbf_median": convention}

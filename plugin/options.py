@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from .metrics.defaults import BATHTUB_BAND, BATHTUB_DELTA, RBF_MEDIAN, RBF_MEDIANS, SFT_RL_RATIO
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -78,6 +80,36 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _pos_float(text: str) -> float:
+    v = float(text)
+    if not v > 0.0:  # also rejects NaN
+        raise ValueError(f"{text!r} must be a number > 0")
+    return v
+
+
+def _rbf_median(text: str) -> str:
+    t = text.strip().lower()
+    if t not in RBF_MEDIANS:
+        raise ValueError(f"{text!r} is not one of: {', '.join(RBF_MEDIANS)}")
+    return t
+
+
+def rbf_median_note(options: DiffOptions, bundle_config: dict[str, Any] | None) -> str | None:
+    """A report note when RBF CKA used a non-default median convention, else None.
+
+    A replayed bundle's own config says how its numbers were computed, so it wins over
+    the replaying run's option.
+    """
+    source = bundle_config if bundle_config is not None else options.to_dict()
+    convention = str(source.get("rbf_median", RBF_MEDIAN))
+    if convention == RBF_MEDIAN:
+        return None
+    return (
+        f"RBF CKA bandwidth: median over all pairwise distances, diagonal zeros included "
+        f"(--rbf-median {convention}, the reference code's convention; default {RBF_MEDIAN})"
+    )
+
+
 def _pos_int(text: str) -> int:
     v = int(text)
     if v < 1:
@@ -89,13 +121,6 @@ def _threads(text: str) -> int | None:
     if text.strip().lower() == "auto":
         return None
     return _pos_int(text)
-
-
-def _prob(text: str) -> float:
-    v = float(text)
-    if not 0.0 < v < 1.0:
-        raise ValueError(f"{text!r} must be a number strictly between 0 and 1")
-    return v
 
 
 #: All options, in help order. Defaults here are the documented ones (shown in --help).
@@ -221,8 +246,8 @@ OPTIONS: tuple[_Opt, ...] = (
     _Opt(
         "--bathtub-delta",
         "bathtub_delta",
-        "bathtub: minimum drop below early and late CKA (default 0.25)",
-        0.25,
+        f"bathtub: minimum drop of the dip below both its sides (default {BATHTUB_DELTA:g})",
+        BATHTUB_DELTA,
         _nonneg_float,
         ini=True,
         metavar="X",
@@ -230,8 +255,9 @@ OPTIONS: tuple[_Opt, ...] = (
     _Opt(
         "--bathtub-band",
         "bathtub_band",
-        "bathtub: depth band the minimum must lie in, as fractions (default 0.15,0.85)",
-        (0.15, 0.85),
+        "bathtub: depth band the dip's bottom must lie in, as fractions of L "
+        f"(default {BATHTUB_BAND[0]:g},{BATHTUB_BAND[1]:g})",
+        BATHTUB_BAND,
         _parse_band,
         ini=True,
         metavar="LO,HI",
@@ -264,22 +290,23 @@ OPTIONS: tuple[_Opt, ...] = (
         metavar="X",
     ),
     _Opt(
-        "--sft-rl-alpha",
-        "sft_rl_alpha",
-        "SFT vs RL: significance level of the rank test (default 0.05)",
-        0.05,
-        _prob,
-        ini=True,
-        metavar="P",
-    ),
-    _Opt(
-        "--sft-rl-min-effect",
-        "sft_rl_min_effect",
-        "SFT vs RL: minimum rank-biserial effect size (default 0.3)",
-        0.3,
-        _nonneg_float,
+        "--sft-rl-ratio",
+        "sft_rl_ratio",
+        f"SFT vs RL: every SFT median over every RL median, at least (default {SFT_RL_RATIO:g})",
+        SFT_RL_RATIO,
+        _pos_float,
         ini=True,
         metavar="X",
+    ),
+    _Opt(
+        "--rbf-median",
+        "rbf_median",
+        f"RBF bandwidth median: offdiag, or all (the reference's, diagonal zeros included) "
+        f"(default {RBF_MEDIAN})",
+        RBF_MEDIAN,
+        _rbf_median,
+        ini=True,
+        metavar="CONV",
     ),
     _Opt(
         "--invariance-atol",
@@ -389,13 +416,13 @@ class DiffOptions:
     diff_cache_cap: int | None = None
     report_dir: str | None = None
     from_results: str | None = None
-    bathtub_delta: float = 0.25
-    bathtub_band: tuple[float, float] = (0.15, 0.85)
+    bathtub_delta: float = BATHTUB_DELTA
+    bathtub_band: tuple[float, float] = BATHTUB_BAND
     final_layer_margin: float = 1e-6
     localization_max_gini: float = 0.5
     localization_max_share: float = 3.0
-    sft_rl_alpha: float = 0.05
-    sft_rl_min_effect: float = 0.3
+    sft_rl_ratio: float = SFT_RL_RATIO
+    rbf_median: str = RBF_MEDIAN
     invariance_atol: float = 0.05
     dominant_k: int = 10
     bootstrap: int = 1000

@@ -30,7 +30,16 @@ FINDINGS = (
     "trace_invariant",
 )
 GROUP_FINDINGS = ("sft_more_than_rl",)
-_MODEL_KEYS = {"source", "base", "method", "groups", "think_token_ids", "expect", "label"}
+_MODEL_KEYS = {
+    "source",
+    "base",
+    "method",
+    "groups",
+    "think_token_ids",
+    "expect",
+    "label",
+    "study_dip",
+}
 _GROUP_KEYS = {"description", "traces", "expect"}
 
 
@@ -45,6 +54,9 @@ class ModelSpec:
     groups: tuple[str, ...] = ()
     think_token_ids: tuple[int, ...] = ()
     expect: dict[str, bool] = field(default_factory=dict, hash=False, compare=False)
+    #: where the study saw the pair's linear-CKA dip: (first layer, recovery layer);
+    #: reported beside the bathtub verdict, never failed (the study says "about")
+    study_dip: tuple[int, int] | None = field(default=None, compare=False)
 
     @property
     def is_toy(self) -> bool:
@@ -231,6 +243,7 @@ def _parse_into(
             groups=tuple(groups_of),
             think_token_ids=tuple(int(t) for t in m.get("think_token_ids", ())),
             expect=_expect(name, where, m.get("expect", {}), FINDINGS),
+            study_dip=_study_dip(name, where, m.get("study_dip")),
         )
 
 
@@ -257,3 +270,21 @@ def _expect(name: str, where: str, table: Any, allowed: tuple[str, ...]) -> dict
             raise RegistryError(f"{name}: [{where}].expect.{k} must be true or false, got {v!r}")
         out[k] = v
     return out
+
+
+def _study_dip(name: str, where: str, value: Any) -> tuple[int, int] | None:
+    """``study_dip = [start, recover]``: two layer numbers, start before recover."""
+    if value is None:
+        return None
+    ok = (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        and value[0] < value[1]
+    )
+    if not ok:
+        raise RegistryError(
+            f"{name}: [{where}].study_dip must be [start, recover], two layer numbers with "
+            f"start < recover, got {value!r}"
+        )
+    return (int(value[0]), int(value[1]))

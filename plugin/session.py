@@ -308,6 +308,7 @@ class DiffSession:
     def report_data(self) -> ReportData:
         """Everything the reports render, from the results and verdicts gathered so far."""
         from .metrics.aggregate import weight_layer_table, weight_outside_layers, weight_summary
+        from .options import rbf_median_note
 
         data = ReportData(
             verdicts=self.ordered_verdicts(),
@@ -315,6 +316,9 @@ class DiffSession:
             stage_seconds=dict(self.stage_seconds),
             notes=list(self.notes),
         )
+        rbf_note = rbf_median_note(self.options, self.bundle.config if self.bundle else None)
+        if rbf_note is not None:
+            data.notes.append(rbf_note)
         for r in self.ordered_results():
             pid = r.info.pair_id
             data.pairs.append(r.info)

@@ -260,33 +260,108 @@ def token_ids_for_pair(
     desc_name: str,
     vocab_size_base: int | None,
     vocab_size_desc: int | None,
-) -> TraceSet:
-    """The token ids both models of a pair will see, checked (METHODS §1).
+) -> tuple[TraceSet, list[str]]:
+    """The token ids both models of a pair will see, checked, and a note per change.
 
-    If the set was made with another tokenizer than the base's (or an unknown one), the
-    text is re-tokenized with the base's. A descendant tokenizer with another identity
-    must produce the same ids, else :class:`TokenizerMismatch`. Ids outside either
-    model's embedding table raise :class:`TraceError` (a vocab size of ``None`` skips
-    that check). ``desc_tokenizer=None`` means the descendant uses the base's tokenizer.
+    The stored ``token_ids`` are authoritative (METHODS §1): they are what the trace was
+    generated as, and re-encoding the text may split it differently. They are kept when
+    the set's tokenizer identity is the base's, or when the base's tokenizer maps them to
+    tokens that spell the trace's text (``decode(ids) == text``, or encoding the text
+    gives these very ids). Only when the base maps the stored ids to other tokens is the
+    text re-tokenized with the base's tokenizer, with one note per re-tokenized trace. A
+    trace without text cannot be checked: its ids are used as stored, with a note.
+
+    Agreement with the descendant is checked on the ids actually used: base and
+    descendant tokenizers must map each used id to the same token string, else
+    :class:`TokenizerMismatch` naming both models, the trace, the first position and
+    both tokens. Tokenizer files that differ only in bytes, or in tokens the traces do
+    not use, therefore agree. Ids outside either model's embedding table raise
+    :class:`TraceError` (a vocab size of ``None`` skips that check).
+    ``desc_tokenizer=None`` means the descendant uses the base's tokenizer.
     """
     base_ident = tokenizer_identity(base_tokenizer)
     desc_ident = base_ident if desc_tokenizer is None else tokenizer_identity(desc_tokenizer)
     out: list[Trace] = []
+    notes: list[str] = []
+    base_pieces: dict[int, Any] = {}
+    desc_pieces: dict[int, Any] = {}
     for t in trace_set.traces:
-        if trace_set.tokenizer == base_ident:
-            ids = t.token_ids
-        else:
-            ids = _encode(base_tokenizer, t, model=base_name)
-        if desc_ident != base_ident:
-            desc_ids = _encode(desc_tokenizer, t, model=desc_name)
-            if desc_ids != ids:
-                raise _mismatch(
-                    t, ids, desc_ids, base_tokenizer, desc_tokenizer, base_name, desc_name
+        ids = t.token_ids
+        if trace_set.tokenizer != base_ident:
+            if not t.text:
+                notes.append(
+                    f"trace {t.id!r} of set {trace_set.name!r} has no text, so its stored "
+                    f"token ids could not be checked against the tokens of base {base_name!r}; "
+                    "used as stored"
                 )
+            elif not _spells_text(base_tokenizer, t):
+                ids = _encode(base_tokenizer, t, model=base_name)
+                notes.append(
+                    f"trace {t.id!r} of set {trace_set.name!r}: its stored token ids are not "
+                    f"tokens of base {base_name!r} (they do not spell its text), so the text "
+                    f"was re-tokenized with the base's tokenizer ({len(t.token_ids)} -> "
+                    f"{len(ids)} tokens)"
+                )
+        if desc_ident != base_ident:
+            _check_same_tokens(
+                t,
+                ids,
+                base_tokenizer,
+                desc_tokenizer,
+                base_name,
+                desc_name,
+                base_pieces,
+                desc_pieces,
+            )
         _check_vocab(t.id, ids, base_name, vocab_size_base)
         _check_vocab(t.id, ids, desc_name, vocab_size_desc)
         out.append(t if ids == t.token_ids else replace(t, token_ids=ids))
-    return TraceSet(name=trace_set.name, traces=tuple(out), tokenizer=base_ident)
+    return TraceSet(name=trace_set.name, traces=tuple(out), tokenizer=base_ident), notes
+
+
+def _spells_text(tokenizer: Any, trace: Trace) -> bool:
+    """Do the stored ids, read with this tokenizer, give the trace's text back?"""
+    ids = list(trace.token_ids)
+    try:
+        text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    except (IndexError, KeyError, OverflowError, TypeError, ValueError):
+        text = None  # an id the tokenizer does not know
+    if text == trace.text:
+        return True
+    encoded = tokenizer(trace.text, add_special_tokens=False)["input_ids"]
+    return [int(i) for i in encoded] == ids
+
+
+def _pieces(tokenizer: Any, ids: Sequence[int], memo: dict[int, Any]) -> list[Any]:
+    """Token string of each id (None for an id the tokenizer does not know), memoized."""
+    todo = sorted({int(i) for i in ids if int(i) not in memo})
+    if todo:
+        got = tokenizer.convert_ids_to_tokens(todo)
+        memo.update(zip(todo, got, strict=True))
+    return [memo[int(i)] for i in ids]
+
+
+def _check_same_tokens(
+    trace: Trace,
+    ids: Sequence[int],
+    base_tok: Any,
+    desc_tok: Any,
+    base_name: str,
+    desc_name: str,
+    base_memo: dict[int, Any],
+    desc_memo: dict[int, Any],
+) -> None:
+    """Both tokenizers map every used id to the same token string, else a named mismatch."""
+    base_pieces = _pieces(base_tok, ids, base_memo)
+    desc_pieces = _pieces(desc_tok, ids, desc_memo)
+    for pos, (a, b) in enumerate(zip(base_pieces, desc_pieces, strict=True)):
+        if a != b:
+            raise TokenizerMismatch(
+                f"tokenizers of base {base_name!r} and descendant {desc_name!r} disagree on "
+                f"trace {trace.id!r} at position {pos}: token id {ids[pos]} is {a!r} for the "
+                f"base and {b!r} for the descendant; both models must read the trace's ids "
+                "as the same tokens"
+            )
 
 
 def _encode(tokenizer: Any, trace: Trace, *, model: str) -> tuple[int, ...]:
@@ -312,38 +387,3 @@ def _check_vocab(trace_id: str, ids: Sequence[int], model: str, vocab_size: int 
                 f"trace {trace_id!r}: token id {tok} at position {pos} is outside the "
                 f"vocabulary of model {model!r} (vocab size {vocab_size})"
             )
-
-
-def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
-    for i, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return i
-    return min(len(a), len(b))
-
-
-def _show(tokenizer: Any, ids: Sequence[int], pos: int) -> str:
-    if pos >= len(ids):
-        return "<end of trace>"
-    piece = ""
-    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
-    if convert is not None:
-        piece = f" {convert(int(ids[pos]))!r}"
-    return f"{ids[pos]}{piece}"
-
-
-def _mismatch(
-    trace: Trace,
-    base_ids: Sequence[int],
-    desc_ids: Sequence[int],
-    base_tok: Any,
-    desc_tok: Any,
-    base_name: str,
-    desc_name: str,
-) -> TokenizerMismatch:
-    pos = _first_difference(base_ids, desc_ids)
-    return TokenizerMismatch(
-        f"tokenizers of base {base_name!r} and descendant {desc_name!r} disagree on trace "
-        f"{trace.id!r} at position {pos}: base has {_show(base_tok, base_ids, pos)}, "
-        f"descendant has {_show(desc_tok, desc_ids, pos)} (lengths {len(base_ids)} vs "
-        f"{len(desc_ids)}); both models must see identical token ids"
-    )

@@ -44,6 +44,23 @@ from .tables import (
 
 COLOR_CHOICES = ("auto", "yes", "no")
 
+#: SFT vs RL details that decide the verdict first (``metrics.findings.SftVsRlResult``),
+#: the descriptive pooled rank test last; other scalar details follow in fmt_details order.
+_SFT_RL_ORDER = (
+    "min_ratio",
+    "min_ratio_lo",
+    "ratio_threshold",
+    "sft_median",
+    "rl_median",
+    "n_sft",
+    "n_rl",
+    "sft_rbf_mean",
+    "rl_rbf_mean",
+    "rbf_lower_for_sft",
+    "p_value",
+    "effect",
+)
+
 _STATUS_STYLE = {
     "pass": "green",
     "fail": "bold red",
@@ -350,7 +367,11 @@ def _group_views(
         table.add_column(Text(header))
     listing = Text(title, style="italic")
     for v in verdicts:
-        numbers = Text(fmt_details(v.details) or glyphs.dash)
+        order = _SFT_RL_ORDER if v.finding == "sft_more_than_rl" else None
+        numbers = Text(
+            (fmt_details(v.details, order=order) if order else fmt_details(v.details))
+            or glyphs.dash
+        )
         status = _status_text(v, glyphs)
         table.add_row(Text(v.subject), Text(v.finding), status, numbers, Text(v.summary))
         listing.append(f"\n{v.subject} {v.finding} ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 
@@ -95,6 +96,87 @@ def test_bathtub_on_a_layer_subset_uses_layer_numbers() -> None:
     assert r.present and (r.start, r.bottom, r.recover) == (12, 12, 22)
     assert r.num_layers == 28
     assert detect_bathtub(vals, layers, num_layers=40).position == pytest.approx(12 / 40)
+
+
+# Synthetic 28-block curves (hidden_states 0..28), each with a known answer.
+L28 = list(range(29))
+
+
+def _curve28(points: dict[int, float], default: float = 1.0) -> list[float]:
+    return [points.get(layer, default) for layer in L28]
+
+
+def test_steady_decline_is_not_a_bathtub() -> None:
+    r = detect_bathtub(np.linspace(1.0, 0.3, 29).tolist(), L28)
+    assert not r.present
+    assert r.deepest_bottom is None and r.deepest_depth == 0.0 and r.start is None
+    assert "no dip" in r.summary
+
+
+def test_low_final_layer_does_not_hide_a_middle_dip() -> None:
+    # The issue's curve: a dip to 0.5 at layers 15-16 of 28 and 0.45 at layer 27. The
+    # global minimum (27) is no dip; the dip at 15 is judged against its own sides.
+    tail = {22: 0.8, 23: 0.7, 24: 0.6, 25: 0.55, 26: 0.5, 27: 0.45, 28: 0.4}
+    dip = {12: 0.8, 13: 0.65, 14: 0.55, 15: 0.5, 16: 0.5, 17: 0.6, 18: 0.7, 19: 0.8}
+    curve = _curve28({**dip, 20: 0.85, 21: 0.9, **tail})
+    r = detect_bathtub(curve, L28)
+    assert r.present
+    assert (r.start, r.bottom, r.recover) == (13, 15, 18)
+    assert r.early == pytest.approx(1.0) and r.late == pytest.approx(0.9)
+    assert r.depth == pytest.approx(0.4)
+    assert r.deepest_bottom == 15 and r.in_band
+    assert "layer 15 of 28" in r.summary and "no recovery" not in r.summary
+
+
+def test_two_dips_the_deepest_in_the_band_is_judged() -> None:
+    curve = _curve28({7: 0.85, 8: 0.7, 9: 0.85, 17: 0.7, 18: 0.4, 19: 0.7})
+    r = detect_bathtub(curve, L28)
+    assert r.present and r.bottom == 18 and r.depth == pytest.approx(0.6)
+    assert (r.start, r.recover) == (18, 19)  # 17 and 19 sit at the half-depth level
+    # with the deeper dip outside the band, the shallower one inside decides
+    narrow = detect_bathtub(curve, L28, band=(0.15, 0.5))
+    assert narrow.present and narrow.bottom == 8 and narrow.depth == pytest.approx(0.3)
+    assert narrow.deepest_bottom == 18
+    assert "deepest dip anywhere bottoms at layer 18" in narrow.summary
+
+
+def test_flat_28_layer_curve_has_no_dip() -> None:
+    r = detect_bathtub([1.0] * 29, L28)
+    assert not r.present and r.deepest_bottom is None and r.depth == 0.0
+
+
+def test_noise_is_not_a_bathtub_and_does_not_move_a_real_one() -> None:
+    rng = np.random.default_rng(5)
+    noise = rng.normal(0.0, 0.01, 29)
+    flat = (0.97 + noise).tolist()
+    r = detect_bathtub(flat, L28)
+    assert not r.present and 0.0 < r.depth < 0.1
+    assert "under delta 0.25" in r.summary
+    planted = 0.97 + noise
+    planted[12:21] -= 0.6  # the study's distill7b shape: drop at 12, back at 21
+    r = detect_bathtub(planted.tolist(), L28)
+    assert r.present and 12 <= r.bottom <= 20
+    assert (r.start, r.recover) == (12, 21)
+
+
+def test_dip_at_layer_4_of_28_is_reported_and_the_band_can_hold_it() -> None:
+    curve = _curve28({3: 0.8, 4: 0.5, 5: 0.8})
+    default = detect_bathtub(curve, L28)
+    assert not default.present and not default.in_band
+    assert default.bottom == 4 and default.deepest_bottom == 4  # location reported anyway
+    assert "outside the middle band 15%-85%" in default.summary
+    assert detect_bathtub(curve, L28, band=(0.1, 0.85)).present
+
+
+def test_bathtub_defaults_are_the_option_defaults() -> None:
+    from reasondiff.options import OPTIONS, DiffOptions
+
+    params = inspect.signature(detect_bathtub).parameters
+    opt = {o.dest: o.default for o in OPTIONS}
+    assert params["delta"].default == opt["bathtub_delta"] == DiffOptions().bathtub_delta
+    assert params["band"].default == opt["bathtub_band"] == DiffOptions().bathtub_band
+    ratio = inspect.signature(sft_vs_rl).parameters["ratio"].default
+    assert ratio == opt["sft_rl_ratio"] == DiffOptions().sft_rl_ratio
 
 
 def test_depth_interval_is_conservative() -> None:
@@ -234,28 +316,112 @@ def test_mann_whitney_all_tied_has_no_evidence() -> None:
     assert r.p_value == 1.0 and r.effect == 0.0
 
 
-def test_sft_vs_rl_holds_and_each_condition_can_break_it() -> None:
-    rng = np.random.default_rng(7)
-    sft = (rng.random(80) * 0.02 + 0.015).tolist()
-    rl = (rng.random(120) * 0.02).tolist()
-    r = sft_vs_rl(sft, rl, sft_rbf=[0.80, 0.82], rl_rbf=[0.90, 0.91, 0.92])
-    assert r.holds is True and r.p_value is not None and r.p_value < 0.05
-    assert r.effect is not None and r.effect >= 0.3
-    assert "changes more" in r.summary
-    rbf_wrong = sft_vs_rl(sft, rl, sft_rbf=[0.95], rl_rbf=[0.90])
-    assert rbf_wrong.holds is False and rbf_wrong.rbf_lower_for_sft is False
-    swapped = sft_vs_rl(rl, sft, sft_rbf=[0.8], rl_rbf=[0.9])
-    assert swapped.holds is False and swapped.p_value is not None and swapped.p_value > 0.5
-    weak = sft_vs_rl(sft, rl, sft_rbf=[0.8], rl_rbf=[0.9], min_effect=0.99)
-    assert weak.holds is False
+def _matrices(
+    rng: np.random.Generator, median: float, n: int = 200, sigma: float = 0.3
+) -> list[float]:
+    """n per-matrix normalized diffs of one descendant: log-normal around ``median``."""
+    return (median * np.exp(rng.normal(0.0, sigma, n))).tolist()
 
 
-def test_sft_vs_rl_needs_both_methods() -> None:
-    r = sft_vs_rl([0.1, 0.2], [], sft_rbf=[0.8], rl_rbf=[])
+def test_sft_vs_rl_one_sft_two_rl_the_distill7b_shape() -> None:
+    # The study's means: Light-R1 .0112 (SFT) vs AceReason-7B .0031 and Skywork-OR1 .0014.
+    rng = np.random.default_rng(11)
+    sft = {"light-r1": _matrices(rng, 0.0112)}
+    rl = {"acereason": _matrices(rng, 0.0031), "skywork": _matrices(rng, 0.0014)}
+    r = sft_vs_rl(sft, rl)
+    assert r.holds is True
+    assert (r.n_sft, r.n_rl) == (1, 2)  # descendants, not matrices
+    assert [q.rl for q in r.ratios] == ["acereason", "skywork"]
+    assert r.min_ratio == pytest.approx(
+        np.median(sft["light-r1"]) / np.median(rl["acereason"]), rel=1e-12
+    )
+    assert r.min_ratio_lo is not None and r.min_ratio_lo > 1.0
+    for c in r.descendants:
+        assert c.lo <= c.median <= c.hi and c.n_matrices == 200
+    assert "light-r1" in r.summary and "skywork" in r.summary and "changes more" in r.summary
+    assert "RBF CKA not available" in r.summary and r.rbf_lower_for_sft is None
+
+
+def test_sft_vs_rl_one_sft_nine_rl_every_pair_must_clear_the_ratio() -> None:
+    rng = np.random.default_rng(12)
+    sft = {"deepmath": _matrices(rng, 0.02)}
+    rl = {f"rl-{i}": _matrices(rng, 0.002 + 0.0005 * i) for i in range(9)}
+    r = sft_vs_rl(sft, rl)
+    assert r.holds is True and len(r.ratios) == 9 and r.n_rl == 9
+    # one RL descendant that changed nearly as much as the SFT one breaks it
+    rl["rl-big"] = _matrices(rng, 0.015)
+    r = sft_vs_rl(sft, rl)
+    assert r.holds is False
+    assert r.min_ratio is not None and r.min_ratio < 2.0
+    assert "deepmath / rl-big" in r.summary
+
+
+def test_sft_vs_rl_equal_magnitude_controls_are_false() -> None:
+    # Two models of similar magnitude, 200 matrices each: the pooled rank test calls a
+    # 1.3x difference "model A vs model B" significant; one descendant per side is not
+    # evidence about training methods, and 1.3 is below the ratio.
+    rng = np.random.default_rng(13)
+    sft = {"sft-0": _matrices(rng, 0.013)}
+    rl = {"rl-0": _matrices(rng, 0.010)}
+    r = sft_vs_rl(sft, rl)
+    assert r.p_value is not None and r.p_value < 0.05 and r.effect is not None and r.effect > 0.3
+    assert r.holds is False
+    same = sft_vs_rl({"a": _matrices(rng, 0.01)}, {"b": _matrices(rng, 0.01)})
+    assert same.holds is False and same.min_ratio_lo is not None and same.min_ratio_lo < 1.0
+    assert "does not clearly change more" in same.summary
+
+
+def test_sft_vs_rl_near_the_ratio_threshold() -> None:
+    rng = np.random.default_rng(14)
+    base = _matrices(rng, 0.01, sigma=0.02)
+    above = {"sft": [2.1 * v for v in base]}
+    below = {"sft": [1.9 * v for v in base]}
+    rl = {"rl": _matrices(rng, 0.01, sigma=0.02)}
+    r_above, r_below = sft_vs_rl(above, rl), sft_vs_rl(below, rl)
+    assert r_above.min_ratio is not None and 2.0 <= r_above.min_ratio < 2.2
+    assert r_above.holds is True
+    assert r_below.min_ratio is not None and 1.8 < r_below.min_ratio < 2.0
+    assert r_below.holds is False
+    assert sft_vs_rl(below, rl, ratio=1.8).holds is True  # --sft-rl-ratio decides
+
+
+def test_sft_vs_rl_needs_the_interval_above_one() -> None:
+    # A ratio of 3 from five scattered matrices: the interval reaches below 1.
+    sft = {"sft": [0.001, 0.002, 0.03, 0.04, 0.05]}
+    rl = {"rl": [0.0005, 0.001, 0.01, 0.03, 0.04]}
+    r = sft_vs_rl(sft, rl)
+    assert r.min_ratio == pytest.approx(3.0)
+    assert r.min_ratio_lo is not None and r.min_ratio_lo <= 1.0
+    assert r.holds is False and "<= 1" in r.summary
+
+
+def test_sft_vs_rl_undecided_when_a_side_is_empty() -> None:
+    r = sft_vs_rl({"sft": [0.1, 0.2, 0.3]}, {})
     assert r.holds is None
-    assert "no RL matrices" in r.summary and "no RL RBF CKA" in r.summary
-    with pytest.raises(MetricInputError, match="position 1"):
-        sft_vs_rl([0.1, math.nan], [0.2], sft_rbf=[0.8], rl_rbf=[0.9])
+    assert r.summary.startswith("undecided: no RL descendant")
+    assert sft_vs_rl({}, {}).summary.startswith("undecided: no SFT and RL descendant")
+    with pytest.raises(MetricInputError, match=r"RL descendant 'rl-x'.*position 1"):
+        sft_vs_rl({"sft": [0.1]}, {"rl-x": [0.2, math.nan]})
+
+
+def test_sft_vs_rl_rbf_is_reported_beside_never_deciding() -> None:
+    rng = np.random.default_rng(15)
+    sft = {"s": _matrices(rng, 0.03)}
+    rl = {"r": _matrices(rng, 0.005)}
+    weights_only = sft_vs_rl(sft, rl)
+    wrong_rbf = sft_vs_rl(sft, rl, sft_rbf={"s": 0.95}, rl_rbf={"r": 0.90})
+    assert weights_only.holds is True and wrong_rbf.holds is True
+    assert wrong_rbf.rbf_lower_for_sft is False and wrong_rbf.sft_rbf_mean == 0.95
+    assert "mean RBF CKA SFT 0.950 >= RL 0.900" in wrong_rbf.summary
+
+
+def test_sft_vs_rl_is_seeded_and_order_free() -> None:
+    rng = np.random.default_rng(16)
+    sft = {"s1": _matrices(rng, 0.03, n=30), "s2": _matrices(rng, 0.02, n=30)}
+    rl = {"r1": _matrices(rng, 0.005, n=30), "r2": _matrices(rng, 0.004, n=30)}
+    a = sft_vs_rl(sft, rl)
+    b = sft_vs_rl(dict(reversed(sft.items())), dict(reversed(rl.items())))
+    assert a == b
 
 
 # --------------------------------------------------------------------------- trace invariance

@@ -86,6 +86,21 @@ def test_toy_expectations_cover_positive_and_negative_cases(reg: Registry) -> No
         assert values == {True, False}, finding
 
 
+def test_study_bathtub_expectations(reg: Registry) -> None:
+    """METHODS §8: distill7b descendants dip from about layer 12 to 21 of 28; the 1.5B
+    descendants have no bathtub; Qwen-Math leaves it unset (the study does not say which
+    two descendants dip at layer 4)."""
+    for p in reg.pairs("distill7b"):
+        assert p.expect.get("bathtub") is True, p.pair_id
+        assert p.descendant.study_dip == (12, 21), p.pair_id
+    for p in reg.pairs("distill1.5b"):
+        assert p.expect.get("bathtub") is False, p.pair_id
+        assert p.descendant.study_dip is None
+    for p in reg.pairs("qwenmath7b"):
+        assert "bathtub" not in p.expect and "bathtub_explained" not in p.expect, p.pair_id
+        assert p.descendant.study_dip is None
+
+
 def test_user_registry_file_adds_models_and_overrides(tmp_path: Path) -> None:
     f = tmp_path / "mine.toml"
     f.write_text(
@@ -124,6 +139,11 @@ expect = { bathtub = false }
         ("[models.x]\nsource = 'a/b'\nexpect = { bathtub = 'yes' }\n", "must be true or false"),
         ("[models.x]\nsource = 'a/b'\nsorce = 1\n", "unknown key(s) ['sorce']"),
         ("[modls.x]\nsource = 'a/b'\n", "unknown top-level table(s) ['modls']"),
+        (
+            "[models.x]\nsource = 'a/b'\nstudy_dip = [21, 12]\n",
+            "study_dip must be [start, recover]",
+        ),
+        ("[models.x]\nsource = 'a/b'\nstudy_dip = 12\n", "got 12"),
         ("[models.x\n", "is not valid TOML"),
     ],
 )

@@ -129,17 +129,20 @@ def make_report_data(*, adhoc: bool = False, trace_sets: bool = True) -> ReportD
             "base:toy-base",
             True,
             True,
-            "SFT diffs exceed RL: U=120, p=0.002",
+            "SFT changes more than RL: weakest ratio 3 >= 2",
             {  # the fields of metrics.findings.SftVsRlResult, shuffled
                 "holds": True,
-                "summary": "SFT diffs exceed RL: U=120, p=0.002",
-                "n_sft": 30,
+                "summary": "SFT changes more than RL: weakest ratio 3 >= 2",
+                "n_sft": 1,
                 "p_value": 0.002,
-                "u": 120.0,
                 "effect": 0.81,
+                "min_ratio_lo": 2.5,
                 "sft_median": 0.012,
                 "rl_median": 0.004,
-                "alpha": 0.05,
+                "ratio_threshold": 2.0,
+                "min_ratio": 3.0,
+                "n_rl": 2,
+                "descendants": [{"descendant": "light-r1", "median": 0.012}],
             },
         ),
     ]
@@ -179,12 +182,12 @@ def test_every_status_is_rendered_and_failures_explain_themselves() -> None:
     assert "only one trace set [a]" not in out  # n/a is not a problem worth a line
 
 
-def test_group_verdict_table_shows_rank_test_numbers() -> None:
+def test_group_verdict_table_shows_the_deciding_ratio_first() -> None:
     out = _render(make_report_data(), color="no")
     assert "base:toy-base" in out
     assert (
-        "u=120, p_value=0.002, effect=0.81, sft_median=0.012, rl_median=0.004, n_sft=30, alpha=0.05"
-        in out
+        "min_ratio=3, min_ratio_lo=2.5, ratio_threshold=2, sft_median=0.012, rl_median=0.004, "
+        "n_sft=1, n_rl=2, p_value=0.002, effect=0.81" in out
     )
     assert "holds=" not in out and "summary=" not in out
 

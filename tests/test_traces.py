@@ -149,36 +149,88 @@ def test_tokenizer_identity_changes_with_the_vocabulary(tok: Any) -> None:
 def _pair(
     ts: TraceSet, base: Any, desc: Any, vb: int | None = 832, vd: int | None = 832
 ) -> TraceSet:
+    return _pair_notes(ts, base, desc, vb, vd)[0]
+
+
+def _pair_notes(
+    ts: TraceSet, base: Any, desc: Any, vb: int | None = 832, vd: int | None = 832
+) -> tuple[TraceSet, list[str]]:
     return token_ids_for_pair(
         ts, base, desc, base_name="B", desc_name="D", vocab_size_base=vb, vocab_size_desc=vd
     )
+
+
+def _swapped_tokenizer(a: str, b: str) -> Any:
+    """The toy tokenizer with the ids of tokens ``a`` and ``b`` exchanged."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(build_toy_tokenizer().backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
 
 
 def test_same_tokenizer_keeps_stored_ids(tok: Any) -> None:
     ts = toy_trace_set("a", tokenizer=tok)
     # stored ids are authoritative when the identity matches (no re-tokenization)
     doctored = TraceSet(ts.name, (Trace("z", "", (1, 7, 8, 9)), *ts.traces[1:]), ts.tokenizer)
-    out = _pair(doctored, tok, tok)
+    out, notes = _pair_notes(doctored, tok, tok)
     assert out.traces[0].token_ids == (1, 7, 8, 9)
     assert out.tokenizer == tokenizer_identity(tok)
+    assert notes == []
 
 
-def test_unknown_tokenizer_retokenizes_the_text_with_the_base(tok: Any) -> None:
+def test_unknown_tokenizer_keeps_stored_ids_that_spell_the_text(tok: Any) -> None:
+    # Not the canonical split: "Step" spelled byte by byte. Valid tokens of the base
+    # that spell the text, so they stay -- re-encoding would merge them.
+    text = "<|bos|>Step 1: 12 + 30 = 42."
+    canonical = tuple(tok(text, add_special_tokens=False)["input_ids"])
+    by_bytes = (canonical[0], *tok.convert_tokens_to_ids(list("Step")), *canonical[2:])
+    assert by_bytes != canonical and tok.decode(list(by_bytes)) == text
+    ts = TraceSet("s", (Trace("t", text, by_bytes),), tokenizer=None)
+    out, notes = _pair_notes(ts, tok, None)
+    assert out.traces[0].token_ids == by_bytes
+    assert notes == []
+    other_header = TraceSet("s", ts.traces, tokenizer="sha256:0123456789abcdef")
+    assert _pair(other_header, tok, tok).traces[0].token_ids == by_bytes
+
+
+def test_ids_that_are_other_tokens_for_the_base_are_retokenized_with_a_note(tok: Any) -> None:
     text = "<|bos|>Step 1: 12 + 30 = 42."
     ts = TraceSet("s", (Trace("t", text, (9, 9, 9, 9)),), tokenizer=None)
-    out = _pair(ts, tok, None)
+    out, notes = _pair_notes(ts, tok, None)
     assert out.traces[0].token_ids == tuple(tok(text, add_special_tokens=False)["input_ids"])
     assert out.traces[0].token_ids[0] == tok.bos_token_id
     assert out.tokenizer == tokenizer_identity(tok)
+    assert len(notes) == 1
+    assert "trace 't' of set 's'" in notes[0] and "base 'B'" in notes[0]
+    assert "re-tokenized" in notes[0] and "4 -> 19 tokens" in notes[0]
 
 
-def test_descendant_tokenizer_that_splits_differently_is_a_mismatch(tok: Any) -> None:
+def test_descendant_tokenizer_differing_only_in_unused_tokens_agrees(tok: Any) -> None:
+    # The descendant reads "12" as one token when it encodes text, but it maps every id
+    # the trace uses to the same token as the base: no mismatch (re-encoding said there
+    # was one).
     desc = build_toy_tokenizer()
-    desc.add_tokens(["12"])  # the descendant now reads "12" as one token
-    ts = TraceSet("s", (Trace("t7", "<|bos|>Step 1: 12 + 30 = 42.", ()),), tokenizer=None)
+    desc.add_tokens(["12"])
+    assert tokenizer_identity(desc) != tokenizer_identity(tok)
+    ts = toy_trace_set("a", tokenizer=tok)
+    out, notes = _pair_notes(ts, tok, desc)
+    assert [t.token_ids for t in out.traces] == [t.token_ids for t in ts.traces]
+    assert notes == []
+
+
+def test_descendant_that_maps_a_used_id_to_another_token_is_a_mismatch(tok: Any) -> None:
+    desc = _swapped_tokenizer("1", "2")
+    ts = TraceSet(
+        "s",
+        (Trace("t7", "<|bos|>Step 1: 12 + 30 = 42.", ()),),
+        tokenizer=None,
+    )
     msg = (
-        r"base 'B' and descendant 'D' disagree on trace 't7' at position 6: "
-        r"base has 55 '1', descendant has 771 '12' \(lengths 19 vs 18\)"
+        r"base 'B' and descendant 'D' disagree on trace 't7' at position 3: "
+        r"token id 55 is '1' for the base and '2' for the descendant"
     )
     with pytest.raises(TokenizerMismatch, match=msg):
         _pair(ts, tok, desc)
@@ -200,12 +252,11 @@ def test_ids_beyond_a_models_vocabulary_are_named(tok: Any) -> None:
     assert _pair(ts, tok, tok, vb=None, vd=None).traces[0].token_ids == (1, 5, 250, 7)
 
 
-def test_retokenized_trace_too_short_or_textless_is_refused(tok: Any) -> None:
+def test_retokenized_trace_too_short_is_refused_and_textless_ids_are_kept(tok: Any) -> None:
     short = TraceSet("s", (Trace("t", "<|bos|>1", (1, 2, 3, 4)),))
     with pytest.raises(TraceError, match=r"trace 't' re-tokenized for model 'B' has 2 tokens"):
         _pair(short, tok, tok)
     empty = TraceSet("s", (Trace("e", "", (1, 2, 3, 4)),))
-    with pytest.raises(
-        TraceError, match=r"trace 'e' has no text, so it cannot be re-tokenized for model 'B'"
-    ):
-        _pair(empty, tok, tok)
+    out, notes = _pair_notes(empty, tok, tok)
+    assert out.traces[0].token_ids == (1, 2, 3, 4)
+    assert len(notes) == 1 and "trace 'e' of set 's' has no text" in notes[0]

@@ -14,8 +14,9 @@ Public API
 - :func:`final_layer_lowest` -> :class:`FinalLayerResult`;
   :func:`final_layer_summary` joins the post-norm and pre-norm results into one line
 - :func:`localization` (share of the weight change per layer) -> :class:`LocalizationResult`
-- :func:`sft_vs_rl` (one-sided Mann-Whitney U + Cliff's delta + RBF check) -> :class:`SftVsRlResult`
-- :func:`mann_whitney_greater` (the rank test on its own) -> :class:`RankTestResult`
+- :func:`sft_vs_rl` (per-descendant medians over matrices, ratio with bootstrap interval;
+  RBF CKA and the pooled rank test reported beside it) -> :class:`SftVsRlResult`
+- :func:`mann_whitney_greater` (the descriptive rank test on its own) -> :class:`RankTestResult`
 - :func:`trace_invariance` (two curves agree within atol) -> :class:`InvarianceResult`
 - :func:`bootstrap_interval` (percentile bootstrap over traces) -> (mean, lo, hi)
 
@@ -28,7 +29,8 @@ the final layer L is the largest layer number in a curve unless ``num_layers`` s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,16 +38,19 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import MetricInputError
 from ..records import Curve
+from .defaults import BATHTUB_BAND, BATHTUB_DELTA, BOOTSTRAP, SFT_RL_RATIO
 
 FloatArray = NDArray[np.float64]
 
 __all__ = [
     "BathtubResult",
+    "DescendantChange",
     "ExplainedResult",
     "FinalLayerResult",
     "InvarianceResult",
     "LocalizationResult",
     "RankTestResult",
+    "RatioResult",
     "SftVsRlResult",
     "bathtub_explained",
     "bootstrap_interval",
@@ -104,12 +109,17 @@ def _pct(x: float) -> str:
 # --------------------------------------------------------------------------- bathtub
 @dataclass(frozen=True)
 class BathtubResult:
-    """A middle-layer dip in a CKA curve and the numbers that decide it.
+    """The judged middle-layer dip of a CKA curve and the numbers that decide it.
 
-    ``start`` is the first layer of the dip and ``recover`` the first layer after it
-    that is back up (see :func:`detect_bathtub` for the half-depth rule), ``bottom`` the
-    layer of the minimum. ``depth = min(early, late) - bottom_value``. ``depth_lo`` /
-    ``depth_hi`` bound the depth with the per-layer bootstrap interval when one was given.
+    ``bottom`` is the layer of the judged dip (the deepest dip whose bottom lies in the
+    band; if none does, the deepest dip anywhere; if the curve has no dip at all, its
+    lowest layer in 1..L-1). ``start`` is the first layer of the dip and ``recover`` the
+    first layer after it that is back up (the half-depth rule of :func:`detect_bathtub`).
+    ``depth = min(early, late) - bottom_value`` against the dip's own context.
+    ``depth_lo`` / ``depth_hi`` bound it with the per-layer bootstrap interval when one
+    was given. ``deepest_*`` locate the deepest dip regardless of the band (None / 0.0
+    when there is none), so a dip outside the band -- the study's layer 4 of 28 for two
+    Qwen-Math descendants -- is reported even when it is not a bathtub.
     """
 
     present: bool
@@ -120,47 +130,96 @@ class BathtubResult:
     early: float | None
     late: float | None
     bottom_value: float
-    position: float  # bottom / L, the fraction of depth the minimum sits at
+    position: float  # bottom / L, the fraction of depth the bottom sits at
     num_layers: int
     delta: float
     band: tuple[float, float]
     depth_lo: float | None
     depth_hi: float | None
+    in_band: bool
+    deepest_bottom: int | None
+    deepest_depth: float
     summary: str
+
+
+def _dip_depths(v: FloatArray) -> FloatArray:
+    """Per index b: min(max before b, max after b) - v[b]; -inf at either end (no side)."""
+    n = v.size
+    depths = np.full(n, -np.inf)
+    if n >= 3:
+        early = np.maximum.accumulate(v)[:-2]  # max of v[:b] for b = 1..n-2
+        late = np.maximum.accumulate(v[::-1])[::-1][2:]  # max of v[b+1:] for b = 1..n-2
+        depths[1:-1] = np.minimum(early, late) - v[1:-1]
+    return depths
+
+
+def _dip_bottoms(depths: FloatArray) -> list[int]:
+    """The bottom of each dip: per maximal run of indices with depth > 0, its deepest one.
+
+    A run is one dip; its flanks are below both sides too, but they are not dips of
+    their own (else the flank of a dip outside the band could pass for one inside).
+    """
+    out: list[int] = []
+    i = 0
+    while i < depths.size:
+        if depths[i] > 0:
+            j = i
+            while j + 1 < depths.size and depths[j + 1] > 0:
+                j += 1
+            out.append(i + int(np.argmax(depths[i : j + 1])))
+            i = j + 1
+        else:
+            i += 1
+    return out
+
+
+def _dip_run(v: FloatArray, b: int, depth: float) -> tuple[int, int | None]:
+    """(first index, index after the run or None) of the layers below half depth around b."""
+    level = v[b] + depth / 2
+    i = b
+    while i > 0 and v[i - 1] < level:
+        i -= 1
+    j = b
+    while j < v.size - 1 and v[j + 1] < level:
+        j += 1
+    return i, (j + 1 if j + 1 < v.size else None)
 
 
 def detect_bathtub(
     values: ArrayLike,
     layers: Sequence[int],
     *,
-    delta: float = 0.1,
-    band: tuple[float, float] = (0.15, 0.85),
+    delta: float = BATHTUB_DELTA,
+    band: tuple[float, float] = BATHTUB_BAND,
     lo: ArrayLike | None = None,
     hi: ArrayLike | None = None,
     num_layers: int | None = None,
     metric: str = "linear CKA",
 ) -> BathtubResult:
-    """Decide whether a per-layer CKA curve has a middle-layer "bathtub".
+    """Decide whether a per-layer CKA curve has a middle-layer "bathtub" (METHODS §8).
 
     Pass the full curve with its layer numbers (``hidden_states`` indices 0..L, L =
     ``num_layers`` or, by default, the largest layer given). Only layers 1..L-1 are
     considered: layer 0 is the embedding output and the final layer has its own finding
-    (``final_layer_lowest``), and a final-layer drop is not a bathtub.
+    (``final_layer_lowest``), so a final-layer drop is not a bathtub.
 
-    With b the layer of the minimum (the first one on ties) among those layers:
+    Every layer b of 1..L-1 with layers on both sides is a candidate bottom, judged
+    against its *own* context: ``early`` = the highest value before b, ``late`` = the
+    highest value after b (both inside 1..L-1), ``depth = min(early, late) - value(b)``.
+    A dip is a maximal run of layers with depth > 0, and its bottom the run's deepest
+    layer (its flanks are not dips of their own). The global minimum of the curve plays
+    no part, so a low last layer or a steady decline (no layer below both sides)
+    neither makes a bathtub nor hides one in the middle. The judged dip is the deepest
+    one whose bottom has b / L in ``band`` (inclusive; the first on ties). Present when
+    its depth >= ``delta``. ``start`` .. ``recover`` is the contiguous run of layers around b below
+    the half-depth level ``value(b) + depth / 2`` and the first layer after it.
 
-    - ``early`` = highest value before b, ``late`` = highest value after b (the recovery);
-    - present when b / L lies in ``band`` (inclusive), and ``depth = min(early, late) -
-      value(b) >= delta`` -- a drop below both sides, which also means it recovers.
-    - The dip is the contiguous run of layers around b whose values are below the
-      half-depth level ``value(b) + depth / 2``; ``start`` is its first layer and
-      ``recover`` the first layer after it (back above half depth).
-
-    ``lo`` / ``hi`` (the bootstrap interval per layer, same layers as ``values``) give a
-    conservative interval for the depth at the layers found on the mean curve:
-    ``min(max lo before b, max lo after b) - hi(b)`` to ``min(max hi before, max hi after)
-    - lo(b)``. Combining marginal bounds makes it wider than a joint bootstrap interval,
-    never narrower.
+    Defaults come from :mod:`reasondiff.metrics.defaults`, the same constants as the
+    ``--bathtub-delta`` / ``--bathtub-band`` options. ``lo`` / ``hi`` (the bootstrap
+    interval per layer, same layers as ``values``) give a conservative interval for the
+    depth at the judged bottom: ``min(max lo before b, max lo after b) - hi(b)`` to
+    ``min(max hi before, max hi after) - lo(b)``. Combining marginal bounds makes it
+    wider than a joint bootstrap interval, never narrower.
     """
     vals, lay = _as_curve(values, layers, metric)
     lo_arr = _as_curve(lo, layers, f"{metric} (lower bound)")[0] if lo is not None else None
@@ -177,26 +236,30 @@ def detect_bathtub(
             f"got layers {[int(x) for x in lay]}"
         )
     v, ly = vals[sel], lay[sel]
-    b = int(np.argmin(v))
+    depths = _dip_depths(v)
+    band_ok = (ly / big_l >= band[0]) & (ly / big_l <= band[1])
+    bottoms = _dip_bottoms(depths)
+    deepest = max(bottoms, key=lambda i: (depths[i], -i)) if bottoms else None
+    band_bottoms = [i for i in bottoms if band_ok[i]]
+    if band_bottoms:
+        b = max(band_bottoms, key=lambda i: (depths[i], -i))
+    elif deepest is not None:
+        b = deepest
+    else:
+        b = int(np.argmin(v))  # no dip: only the lowest point, for the report
     bottom_layer, bottom_value = int(ly[b]), float(v[b])
     position = bottom_layer / big_l
     early = float(v[:b].max()) if b > 0 else None
     late = float(v[b + 1 :].max()) if b < v.size - 1 else None
-    depth = (min(early, late) - bottom_value) if early is not None and late is not None else 0.0
-    in_band = band[0] <= position <= band[1]
-    present = bool(in_band and early is not None and late is not None and depth >= delta)
+    depth = max(float(depths[b]), 0.0) if early is not None and late is not None else 0.0
+    bottom_in_band = bool(band_ok[b])
+    present = bool(bottom_in_band and depth > 0 and depth >= delta)
 
     start = recover = None
     if depth > 0:
-        level = bottom_value + depth / 2
-        i = b
-        while i > 0 and v[i - 1] < level:
-            i -= 1
-        j = b
-        while j < v.size - 1 and v[j + 1] < level:
-            j += 1
+        i, j = _dip_run(v, b, depth)
         start = int(ly[i])
-        recover = int(ly[j + 1]) if j + 1 < v.size else None
+        recover = int(ly[j]) if j is not None else None
 
     depth_lo = depth_hi = None
     if lo_arr is not None and hi_arr is not None and 0 < b < v.size - 1:
@@ -209,27 +272,41 @@ def detect_bathtub(
         if depth_lo is not None and depth_hi is not None
         else ""
     )
-    where = f"minimum {bottom_value:.3f} at layer {bottom_layer} of {big_l} ({_pct(position)} deep)"
+    elsewhere = ""
+    if deepest is not None and deepest != b:
+        elsewhere = (
+            f"; deepest dip anywhere bottoms at layer {int(ly[deepest])} "
+            f"({_pct(int(ly[deepest]) / big_l)} deep, depth {float(depths[deepest]):.3f})"
+        )
     if present:
         summary = (
             f"bathtub in {metric}: drops from {early:.3f} to {bottom_value:.3f} at layer "
             f"{bottom_layer} of {big_l}, dip layers {start}..{recover}, recovers to "
-            f"{late:.3f}; depth {depth:.3f}{interval} >= delta {delta:g}"
+            f"{late:.3f}; depth {depth:.3f}{interval} >= delta {delta:g}{elsewhere}"
+        )
+    elif deepest is None:
+        reasons = ["no layer in 1..L-1 lies below the highest values on both its sides"]
+        if late is None:
+            reasons.append("no recovery after the lowest point (a decline, not a dip)")
+        summary = (
+            f"no bathtub in {metric}: no dip; lowest {bottom_value:.3f} at layer "
+            f"{bottom_layer} of {big_l}; " + "; ".join(reasons)
         )
     else:
+        where = (
+            f"deepest dip {'in the band ' if bottom_in_band else ''}bottoms at layer {bottom_layer} "
+            f"of {big_l} ({_pct(position)} deep), {bottom_value:.3f}, dip layers "
+            f"{start}..{recover}"
+        )
         reasons = []
-        if not in_band:
+        if not bottom_in_band:
             reasons.append(f"outside the middle band {_pct(band[0])}-{_pct(band[1])}")
-        if early is None:
-            reasons.append("nothing before it to drop from")
-        if late is None:
-            reasons.append("no recovery after it")
-        if early is not None and late is not None and depth < delta:
+        if depth < delta:
             reasons.append(
                 f"depth {depth:.3f}{interval} below min(early {early:.3f}, late {late:.3f}) "
                 f"is under delta {delta:g}"
             )
-        summary = f"no bathtub in {metric}: {where}; " + "; ".join(reasons)
+        summary = f"no bathtub in {metric}: {where}; " + "; ".join(reasons) + elsewhere
     return BathtubResult(
         present=present,
         start=start,
@@ -245,6 +322,9 @@ def detect_bathtub(
         band=(float(band[0]), float(band[1])),
         depth_lo=depth_lo,
         depth_hi=depth_hi,
+        in_band=bottom_in_band,
+        deepest_bottom=int(ly[deepest]) if deepest is not None else None,
+        deepest_depth=float(depths[deepest]) if deepest is not None else 0.0,
         summary=summary,
     )
 
@@ -530,102 +610,207 @@ def mann_whitney_greater(x: Sequence[float], y: Sequence[float]) -> RankTestResu
 
 
 @dataclass(frozen=True)
+class DescendantChange:
+    """One descendant's weight change: the median normalized difference over its matrices.
+
+    ``lo`` / ``hi``: percentile bootstrap interval of the median over its matrices.
+    ``rbf_mean``: its mean RBF CKA over layers 1..L when CKA rows exist, else None.
+    """
+
+    descendant: str
+    method: str
+    median: float
+    lo: float
+    hi: float
+    n_matrices: int
+    rbf_mean: float | None
+
+
+@dataclass(frozen=True)
+class RatioResult:
+    """SFT median / RL median for one (SFT, RL) pair of descendants, with its interval."""
+
+    sft: str
+    rl: str
+    ratio: float
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True)
 class SftVsRlResult:
-    """Group finding: SFT descendants changed their base more than RL descendants."""
+    """Group finding: SFT descendants changed their base more than RL descendants.
+
+    ``holds`` is None (undecided, reported but never failed) when a side has no
+    descendant. ``min_ratio`` / ``min_ratio_lo`` are the weakest pair's ratio and the
+    smallest lower bound over all pairs. ``p_value`` / ``effect``: the pooled rank test
+    over matrices, a descriptive figure only (it does not decide).
+    """
 
     holds: bool | None
-    p_value: float | None
-    effect: float | None
-    u: float | None
     n_sft: int
     n_rl: int
-    sft_median: float | None
-    rl_median: float | None
+    descendants: tuple[DescendantChange, ...]
+    ratios: tuple[RatioResult, ...]
+    min_ratio: float | None
+    min_ratio_lo: float | None
+    ratio_threshold: float
+    sft_median: float | None  # smallest SFT median
+    rl_median: float | None  # largest RL median
     sft_rbf_mean: float | None
     rl_rbf_mean: float | None
     rbf_lower_for_sft: bool | None
-    alpha: float
-    min_effect: float
+    p_value: float | None
+    effect: float | None
     summary: str
 
 
+def _median_interval(
+    x: FloatArray, *, n_boot: int, level: float, rng: np.random.Generator
+) -> tuple[float, float, FloatArray]:
+    """(lo, hi, draws): percentile bootstrap of the median over the entries of x."""
+    idx = rng.integers(0, x.size, size=(n_boot, x.size))
+    draws = np.median(x[idx], axis=1)
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(draws, alpha)), float(np.quantile(draws, 1.0 - alpha)), draws
+
+
+def _ratio(a: FloatArray, b: FloatArray) -> FloatArray:
+    """a / b elementwise; x / 0 = inf for x > 0 and 0 / 0 = 1 (both unchanged: equal)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.divide(a, b)
+    return np.where((a == 0) & (b == 0), 1.0, r)
+
+
 def sft_vs_rl(
-    sft: Sequence[float],
-    rl: Sequence[float],
+    sft: Mapping[str, Sequence[float]],
+    rl: Mapping[str, Sequence[float]],
     *,
-    sft_rbf: Sequence[float],
-    rl_rbf: Sequence[float],
-    alpha: float = 0.05,
-    min_effect: float = 0.3,
+    ratio: float = SFT_RL_RATIO,
+    sft_rbf: Mapping[str, float] | None = None,
+    rl_rbf: Mapping[str, float] | None = None,
+    n_boot: int = BOOTSTRAP,
+    level: float = 0.95,
+    seed: int = 0,
 ) -> SftVsRlResult:
-    """Do SFT descendants of one base change more than its RL descendants?
+    """Do the SFT descendants of one base change it more than its RL descendants?
 
-    ``sft`` / ``rl``: per-matrix normalized differences (``aggregate.per_matrix_diffs``)
-    pooled over the descendants of each method. ``sft_rbf`` / ``rl_rbf``: one value per
-    descendant, its mean RBF CKA over layers (lower = representations moved more).
-    Holds when the one-sided Mann-Whitney test gives p < ``alpha``, Cliff's delta >=
-    ``min_effect`` (a rank test *and* an effect size, not one mean), and the mean RBF CKA
-    of the SFT descendants is below that of the RL descendants.
+    The unit of evidence is the descendant, not the matrix: the ~200 matrices of one
+    model are not independent samples of a training method. ``sft`` / ``rl`` map each
+    descendant to its per-matrix normalized differences (``aggregate.per_matrix_diffs``).
+    Per descendant: the median over its matrices with a percentile bootstrap interval
+    over matrices (``n_boot`` draws, seeded per descendant name, so the numbers do not
+    depend on the order of the mapping). For every (SFT, RL) pair the ratio of medians
+    gets an interval from the ratio of independent bootstrap draws.
 
-    Pooled matrices are not independent draws (they share a descendant), so read p as a
-    descriptive score; the effect size is the part that carries the finding. When a
-    method has no descendant (or no matrices) the finding is undecidable:
-    ``holds=None`` with a summary that says which side is missing.
+    Holds when every ratio is >= ``ratio`` and every ratio's lower bound is > 1.
+    Undecided (``holds=None``) when a side has no descendant. ``sft_rbf`` / ``rl_rbf``
+    (descendant -> mean RBF CKA over layers 1..L) are reported beside the verdict and
+    never needed for it. The pooled one-sided Mann-Whitney test over all matrices is
+    reported as a descriptive figure only.
     """
-    missing = [
-        name
-        for name, seq in (
-            ("SFT matrices", sft),
-            ("RL matrices", rl),
-            ("SFT RBF CKA", sft_rbf),
-            ("RL RBF CKA", rl_rbf),
-        )
-        if len(seq) == 0
-    ]
-    if missing:
+    if not ratio > 0:
+        raise MetricInputError(f"SFT vs RL: the ratio threshold must be > 0, got {ratio!r}")
+    changes: dict[str, list[DescendantChange]] = {"SFT": [], "RL": []}
+    draws: dict[str, FloatArray] = {}
+    pooled: dict[str, list[float]] = {"SFT": [], "RL": []}
+    for method, side, rbf in (("SFT", sft, sft_rbf), ("RL", rl, rl_rbf)):
+        for name in sorted(side):
+            x = _as_vector(side[name], f"normalized diffs of {method} descendant {name!r}")
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+            lo, hi, d = _median_interval(x, n_boot=n_boot, level=level, rng=rng)
+            draws[name] = d
+            pooled[method].extend(float(v) for v in x)
+            rbf_of = None if rbf is None or name not in rbf else float(rbf[name])
+            changes[method].append(
+                DescendantChange(name, method, float(np.median(x)), lo, hi, int(x.size), rbf_of)
+            )
+    n_sft, n_rl = len(changes["SFT"]), len(changes["RL"])
+    descendants = (*changes["SFT"], *changes["RL"])
+
+    def rbf_mean(method: str) -> float | None:
+        vals = [c.rbf_mean for c in changes[method] if c.rbf_mean is not None]
+        return float(np.mean(vals)) if vals and len(vals) == len(changes[method]) else None
+
+    s_rbf, r_rbf = rbf_mean("SFT"), rbf_mean("RL")
+    rbf_lower = None if s_rbf is None or r_rbf is None else s_rbf < r_rbf
+    if not n_sft or not n_rl:
+        missing = " and ".join(m for m in ("SFT", "RL") if not changes[m])
         return SftVsRlResult(
             holds=None,
-            p_value=None,
-            effect=None,
-            u=None,
-            n_sft=len(sft),
-            n_rl=len(rl),
+            n_sft=n_sft,
+            n_rl=n_rl,
+            descendants=descendants,
+            ratios=(),
+            min_ratio=None,
+            min_ratio_lo=None,
+            ratio_threshold=ratio,
             sft_median=None,
             rl_median=None,
-            sft_rbf_mean=None,
-            rl_rbf_mean=None,
-            rbf_lower_for_sft=None,
-            alpha=alpha,
-            min_effect=min_effect,
-            summary="cannot compare SFT with RL: no " + ", no ".join(missing),
+            sft_rbf_mean=s_rbf,
+            rl_rbf_mean=r_rbf,
+            rbf_lower_for_sft=rbf_lower,
+            p_value=None,
+            effect=None,
+            summary=(
+                f"undecided: no {missing} descendant of this base among the selected pairs "
+                f"({n_sft} SFT, {n_rl} RL)"
+            ),
         )
-    test = mann_whitney_greater(sft, rl)
-    s_rbf = float(_as_vector(sft_rbf, "RBF CKA of SFT descendants").mean())
-    r_rbf = float(_as_vector(rl_rbf, "RBF CKA of RL descendants").mean())
-    rbf_lower = s_rbf < r_rbf
-    holds = bool(test.p_value < alpha and test.effect >= min_effect and rbf_lower)
-    s_med, r_med = float(np.median(np.asarray(sft))), float(np.median(np.asarray(rl)))
+    alpha = (1.0 - level) / 2.0
+    ratios = []
+    for s in changes["SFT"]:
+        for r in changes["RL"]:
+            rd = _ratio(draws[s.descendant], draws[r.descendant])
+            point = float(_ratio(np.array([s.median]), np.array([r.median]))[0])
+            ratios.append(
+                RatioResult(
+                    sft=s.descendant,
+                    rl=r.descendant,
+                    ratio=point,
+                    lo=float(np.quantile(rd, alpha)),
+                    hi=float(np.quantile(rd, 1.0 - alpha)),
+                )
+            )
+    weakest = min(ratios, key=lambda q: q.ratio)
+    min_lo = min(q.lo for q in ratios)
+    holds = bool(weakest.ratio >= ratio and min_lo > 1.0)
+    test = mann_whitney_greater(pooled["SFT"], pooled["RL"])
+
+    def side_text(method: str) -> str:
+        return ", ".join(
+            f"{c.descendant} {c.median:.4g} [{c.lo:.4g}..{c.hi:.4g}]" for c in changes[method]
+        )
+
+    rbf_text = (
+        f"; mean RBF CKA SFT {s_rbf:.3f} {'<' if rbf_lower else '>='} RL {r_rbf:.3f} (reported)"
+        if s_rbf is not None and r_rbf is not None
+        else "; RBF CKA not available (weights only)"
+    )
     summary = (
-        f"SFT {'changes more' if holds else 'does not change more'} than RL: median diff "
-        f"{s_med:.4g} (n={test.n_x}) vs {r_med:.4g} (n={test.n_y}), Mann-Whitney p={test.p_value:.2g} "
-        f"({'<' if test.p_value < alpha else '>='} {alpha:g}), Cliff's delta {test.effect:+.2f} "
-        f"({'>=' if test.effect >= min_effect else '<'} {min_effect:g}); mean RBF CKA SFT "
-        f"{s_rbf:.3f} {'<' if rbf_lower else '>='} RL {r_rbf:.3f}"
+        f"SFT {'changes more' if holds else 'does not clearly change more'} than RL: median "
+        f"normalized diff per descendant, SFT {side_text('SFT')}; RL {side_text('RL')}; "
+        f"weakest ratio {weakest.ratio:.3g} ({weakest.sft} / {weakest.rl}) "
+        f"{'>=' if weakest.ratio >= ratio else '<'} {ratio:g}, smallest interval lower bound "
+        f"{min_lo:.3g} {'>' if min_lo > 1.0 else '<='} 1{rbf_text}; pooled matrices (descriptive): "
+        f"Mann-Whitney p={test.p_value:.2g}, Cliff's delta {test.effect:+.2f}"
     )
     return SftVsRlResult(
         holds=holds,
-        p_value=test.p_value,
-        effect=test.effect,
-        u=test.u,
-        n_sft=test.n_x,
-        n_rl=test.n_y,
-        sft_median=s_med,
-        rl_median=r_med,
+        n_sft=n_sft,
+        n_rl=n_rl,
+        descendants=descendants,
+        ratios=tuple(ratios),
+        min_ratio=weakest.ratio,
+        min_ratio_lo=min_lo,
+        ratio_threshold=ratio,
+        sft_median=min(c.median for c in changes["SFT"]),
+        rl_median=max(c.median for c in changes["RL"]),
         sft_rbf_mean=s_rbf,
         rl_rbf_mean=r_rbf,
         rbf_lower_for_sft=rbf_lower,
-        alpha=alpha,
-        min_effect=min_effect,
+        p_value=test.p_value,
+        effect=test.effect,
         summary=summary,
     )
 
@@ -694,7 +879,7 @@ def trace_invariance(
 def bootstrap_interval(
     per_trace: ArrayLike,
     *,
-    n_boot: int = 1000,
+    n_boot: int = BOOTSTRAP,
     level: float = 0.95,
     seed: int = 0,
     layers: Sequence[int] | None = None,

@@ -36,7 +36,8 @@ TOY_IDS = [
         (["--layers", "3-1"], "--layers: bad layer range '3-1'"),
         (["--layers", "a,b"], "--layers: bad layer item 'a'"),
         (["--diff-cache-cap", "lots"], "--diff-cache-cap: 'lots' is not a size"),
-        (["--sft-rl-alpha", "2"], "--sft-rl-alpha: '2' must be a number strictly between 0 and 1"),
+        (["--sft-rl-ratio", "0"], "--sft-rl-ratio: '0' must be a number > 0"),
+        (["--rbf-median", "diag"], "--rbf-median: 'diag' is not one of: offdiag, all"),
         (["--bathtub-band", "0.9,0.1"], "--bathtub-band: '0.9,0.1' is not a band"),
         (["--curve-atol", "-1"], "--curve-atol: '-1' must be a number >= 0"),
         (["--max-tokens", "0"], "--max-tokens: '0' must be an integer >= 1"),
@@ -94,7 +95,12 @@ def test_help_documents_options_and_defaults(pytester: pytest.Pytester) -> None:
         "--diff-cache-cap",
         "--from-results",
         "--require-models",
-        "bathtub: minimum drop below early and late CKA (default 0.25)",
+        "bathtub: minimum drop of the dip below both its sides (default 0.25)",
+        "(default 0.15,0.85)",
+        "--sft-rl-ratio",
+        "(default 2)",
+        "--rbf-median",
+        "(default offdiag)",
         "curve snapshots: absolute tolerance per layer (default 0.02)",
         "diff_cache (string)",
     ):
@@ -193,3 +199,21 @@ def test_parse_layers(text: str, expected: tuple[int, ...] | None) -> None:
 )
 def test_parse_bytes(text: str, expected: int | None) -> None:
     assert parse_bytes(text) == expected
+
+
+def test_rbf_median_from_ini_and_command_line(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nrbf_median = all\n")
+    pytester.makepyfile(
+        """
+        import os
+
+        def test_options(diff_options):
+            assert diff_options.rbf_median == os.environ["EXPECTED_MEDIAN"]
+            assert diff_options.to_dict()["rbf_median"] == diff_options.rbf_median
+        """
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EXPECTED_MEDIAN", "all")
+        assert pytester.runpytest().ret == 0
+        mp.setenv("EXPECTED_MEDIAN", "offdiag")
+        assert pytester.runpytest("--rbf-median", "OFFDIAG").ret == 0

@@ -1,0 +1,21 @@
+"""Default thresholds of the finding tests: the one place both APIs read them from.
+
+The Python API (:mod:`reasondiff.metrics.findings`) and the command line / ini options
+(:mod:`reasondiff.options`) both take their defaults from these constants, so a notebook
+and ``pytest diffs`` give the same verdict on the same curve. Plain constants, no
+imports: the options module reads them at plugin import.
+"""
+
+from __future__ import annotations
+
+#: bathtub: minimum drop of the dip below both its sides (METHODS §8)
+BATHTUB_DELTA = 0.25
+#: bathtub: the dip's bottom must lie at bottom / L within this band (inclusive)
+BATHTUB_BAND = (0.15, 0.85)
+#: SFT vs RL: every SFT median must exceed every RL median by at least this ratio
+SFT_RL_RATIO = 2.0
+#: bootstrap resamples (curve intervals over traces, medians over matrices)
+BOOTSTRAP = 1000
+#: RBF bandwidth median convention: "offdiag" (ours) or "all" (the reference's)
+RBF_MEDIAN = "offdiag"
+RBF_MEDIANS = ("offdiag", "all")
