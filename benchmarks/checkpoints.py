@@ -83,16 +83,48 @@ class Shape:
 
 QWEN2_1_5B = Shape("Qwen2-1.5B", hidden=1536, layers=28, intermediate=8960, heads=12, kv_heads=2)
 QWEN2_0_5B = Shape("Qwen2-0.5B", hidden=896, layers=24, intermediate=4864, heads=14, kv_heads=2)
+#: The study's shapes (METHODS §9): R1-Distill-Qwen-1.5B and Qwen2.5-7B.
+R1_DISTILL_1_5B = Shape(
+    "R1-Distill-Qwen-1.5B", hidden=1536, layers=28, intermediate=8960, heads=12, kv_heads=2
+)
+QWEN2_5_7B = Shape(
+    "Qwen2.5-7B", hidden=3584, layers=28, intermediate=18944, heads=28, kv_heads=4, vocab=152064
+)
+#: Seconds-on-a-CPU shape for ``--tiny`` runs of the same code.
+TINY = Shape("tiny", hidden=64, layers=4, intermediate=128, heads=4, kv_heads=2, vocab=512)
 
 
 def write_pair(
     shape: Shape, base_dir: Path, desc_dir: Path, *, shard_bytes: int = 2 * 2**30, seed: int = 0
 ) -> int:
     """Write base and descendant checkpoints (sharded safetensors + index); returns bytes each."""
+    return write_family(
+        shape, base_dir, [desc_dir], scales=[1e-2], shard_bytes=shard_bytes, seed=seed
+    )
+
+
+def write_family(
+    shape: Shape,
+    base_dir: Path,
+    desc_dirs: list[Path],
+    *,
+    scales: list[float],
+    shard_bytes: int = 2 * 2**30,
+    seed: int = 0,
+) -> int:
+    """A base and descendants (base + dense noise of relative size ``scales[i]``), sharded
+    bf16 safetensors + index; returns bytes per checkpoint.
+
+    Every tensor is non-zero, biases and norms included (real checkpoints have no
+    all-zero tensor, and a zero base tensor makes a relative difference infinite).
+    """
     from safetensors.torch import save_file
 
+    if len(scales) != len(desc_dirs):
+        raise ValueError(f"{len(desc_dirs)} descendants but {len(scales)} scales")
     gen = torch.Generator().manual_seed(seed)
-    for d in (base_dir, desc_dir):
+    dirs = [base_dir, *desc_dirs]
+    for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps(shape.config(), indent=2))
     shards: list[list[str]] = [[]]
@@ -109,22 +141,22 @@ def write_pair(
     total = 0
     for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        base_part: dict[str, torch.Tensor] = {}
-        desc_part: dict[str, torch.Tensor] = {}
+        parts: list[dict[str, torch.Tensor]] = [{} for _ in dirs]
         for name in names:
             w = torch.randn(shapes[name], generator=gen, dtype=torch.float32).mul_(0.02)
             if name.endswith("norm.weight"):
                 w.add_(1.0)
-            noise = torch.randn(shapes[name], generator=gen, dtype=torch.float32).mul_(2e-4)
-            base_part[name] = w.to(torch.bfloat16)
-            desc_part[name] = w.add_(noise).to(torch.bfloat16)
+            parts[0][name] = w.to(torch.bfloat16)
+            for j, scale in enumerate(scales, start=1):
+                noise = torch.randn(shapes[name], generator=gen, dtype=torch.float32)
+                parts[j][name] = (w + noise.mul_(0.02 * scale)).to(torch.bfloat16)
             weight_map[name] = fname
-            total += base_part[name].numel() * 2
-        save_file(base_part, str(base_dir / fname), metadata={"format": "pt"})
-        save_file(desc_part, str(desc_dir / fname), metadata={"format": "pt"})
-        del base_part, desc_part
+            total += parts[0][name].numel() * 2
+        for d, part in zip(dirs, parts, strict=True):
+            save_file(part, str(d / fname), metadata={"format": "pt"})
+        del parts
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    for d in (base_dir, desc_dir):
+    for d in dirs:
         (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return total
 

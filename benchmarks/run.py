@@ -27,6 +27,7 @@ BENCHMARKS = {
     "weight_diff": "bench_weight_diff",
     "pipeline": "bench_pipeline",
     "cka_scale": "bench_cka_scale",
+    "gpu_study": "gpu_study",
 }
 #: Goal of each benchmark's main line, used when it cannot run at all.
 MAIN_GOAL = {
@@ -35,6 +36,7 @@ MAIN_GOAL = {
     "weight_diff": ("<=", 1.4),
     "pipeline": (">=", 5.0),
     "cka_scale": ("<=", 1.3),
+    "gpu_study": ("<=", 10.0),
 }
 
 

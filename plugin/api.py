@@ -8,6 +8,7 @@ to the curves of :mod:`reasondiff.metrics.aggregate`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +45,51 @@ def compare(
     forward and one per descendant; results land in the same metric cache the pytest
     suite uses (``cache_dir``, default ``$REASONDIFF_CACHE`` or ``~/.cache/reasondiff``).
     """
+    results, _ = compare_with_engine(
+        base,
+        descendants,
+        traces=traces,
+        device=device,
+        dtype=dtype,
+        max_tokens=max_tokens,
+        layers=layers,
+        dominant_k=dominant_k,
+        rbf_median=rbf_median,
+        keep_activations=keep_activations,
+        cache_dir=cache_dir,
+        registry=registry,
+        method=method,
+    )
+    return results
+
+
+def compare_with_engine(
+    base: str,
+    descendants: Sequence[str],
+    *,
+    traces: str | Path | Sequence[str | Path] = "toy",
+    cache_dir: str | Path | None = None,
+    registry: Sequence[str | Path] = (),
+    method: str | None = None,
+    layers: Sequence[int] | None = None,
+    **config: Any,
+) -> tuple[list[PairResult], Engine]:
+    """:func:`compare`, also returning the engine (stage times, forwards, cache counts)."""
     from .cache import default_cache_dir
     from .registry import Registry
 
     reg = Registry.load([str(p) for p in registry])
     base_spec = _spec(reg, base)
-    pairs = []
+    pairs: list[PairSpec] = []
     for d in descendants:
         spec = _spec(reg, d, base=base_spec.key, method=method)
+        if spec.key in {base_spec.key, *(p.descendant.key for p in pairs)}:
+            spec = replace(spec, key=f"{spec.key}-{len(pairs) + 1}")  # two ".../model" dirs
         group = spec.groups[0] if spec.base == base_spec.key and spec.groups else None
         pairs.append(PairSpec(base=base_spec, descendant=spec, group=group))
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    config = EngineConfig(
-        cache_dir=root,
-        device=device,
-        dtype=dtype,
-        max_tokens=max_tokens,
-        layers=tuple(layers) if layers is not None else None,
-        dominant_k=dominant_k,
-        rbf_median=rbf_median,
-        keep_activations=keep_activations,
+    engine_config = EngineConfig(
+        cache_dir=root, layers=tuple(layers) if layers is not None else None, **config
     )
     specs = [traces] if isinstance(traces, str | Path) else list(traces)
 
@@ -73,8 +99,8 @@ def compare(
             for s, which in zip(specs, "abcdefgh", strict=False)
         ]
 
-    engine = Engine(config, trace_paths=paths)
-    return [engine.pair_result(p, pairs) for p in pairs]
+    engine = Engine(engine_config, trace_paths=paths)
+    return [engine.pair_result(p, pairs) for p in pairs], engine
 
 
 def _spec(reg: Any, ref: str, *, base: str | None = None, method: str | None = None) -> ModelSpec:

@@ -4,8 +4,9 @@ A fingerprint keys the activation and weight-diff caches, so it must change when
 the config or a weight file changes and must not cost a full read of 15 GB on every
 run. Files that live in a Hugging Face hub cache are symlinks to ``blobs/<etag>``; the
 etag *is* the content hash (sha256 for LFS files), so it is used as-is. Other files are
-hashed once and memoized by (realpath, size, mtime_ns), in-process and optionally in a
-small JSON side file so that later processes skip the hash too.
+hashed once and memoized by (realpath, inode, size, mtime_ns, ctime_ns), in-process and
+in a small JSON side file under the cache, so that later processes and xdist workers
+skip the hash too.
 
 This module only reads files; it knows nothing about models or pytest.
 """
@@ -77,7 +78,9 @@ def file_digest_cached(path: Path, disk_memo: dict[str, str] | None = None) -> t
         st = os.stat(real)
     except OSError as exc:
         raise ModelLoadError(f"cannot fingerprint {path}: {exc.strerror or exc}") from exc
-    memo_key = f"{real}|{st.st_size}|{st.st_mtime_ns}"
+    # ctime too: it changes on every write and cannot be set back (an edit that keeps
+    # size and mtime, or silent corruption repaired in place, still re-hashes).
+    memo_key = f"{real}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
     with _MEMO_LOCK:
         hit = _MEMO.get(memo_key)
     if hit is None and disk_memo is not None:

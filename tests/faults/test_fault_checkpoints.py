@@ -82,7 +82,7 @@ def test_data_bit_flip_changes_the_fingerprint_so_no_stale_entry_is_reused(
     cand = copy_checkpoint(toy_copy, tmp_path / "cand")
     traces = small_trace_file(toy_traces, tmp_path / "t.jsonl", count=2)
     cache = tmp_path / "cache"
-    opts = {"traces": str(traces), "max_tokens": 32, "layers": (0, 5)}
+    opts = {"traces": str(traces), "max_tokens": 32, "layers": (0, 5), "keep_activations": True}
     s1, p1 = make_session(cache, toy_base, cand, **opts)
     first = s1.pair_result(p1)
     # a byte copy has the base's fingerprint: its activations ARE the base's (2 traces)

@@ -74,7 +74,8 @@ def _group_args(group: FaultsGroup, cache: Path | str, report: Path | None = Non
         "--diff-cache",
         str(cache),
     ]
-    args += ["--max-tokens", "32", "--bootstrap", "20"]
+    # --keep-activations: the cache guarantees below cover the activation entries too
+    args += ["--max-tokens", "32", "--bootstrap", "20", "--keep-activations"]
     if report is not None:  # a verdict run: curve snapshots have their own test here
         args += ["--report-dir", str(report), "-k", "not test_curves"]
     return args

@@ -129,7 +129,9 @@ def test_nan_activations_name_model_layer_and_positions_and_are_not_cached(
     save_file(tensors, f, metadata={"format": "pt"})
 
     cache = tmp_path / "cache"
-    session, pair = make_session(cache, toy_base, cand, traces=str(traces), max_tokens=32)
+    session, pair = make_session(
+        cache, toy_base, cand, traces=str(traces), max_tokens=32, keep_activations=True
+    )
     with pytest.raises(NonFiniteError) as info:
         session.pair_result(pair)
     msg = str(info.value)

@@ -70,9 +70,9 @@ def test_bundle_pairs_get_the_registry_expectations_by_hub_id_or_key() -> None:
 
 def test_layers_subset_always_keeps_the_final_layer(tmp_path: Path) -> None:
     session = DiffSession.create(DiffOptions(layers=(0, 4)))
-    assert session._layers(10, "toy-massive") == [0, 4, 10]
+    assert session.engine._layers(10, "toy-massive") == [0, 4, 10]
     with pytest.raises(
         Exception,
         match=r"--layers 12 out of range for toy-massive: hidden-state layers are 0\.\.10",
     ):
-        DiffSession.create(DiffOptions(layers=(12,)))._layers(10, "toy-massive")
+        DiffSession.create(DiffOptions(layers=(12,))).engine._layers(10, "toy-massive")
