@@ -55,6 +55,7 @@ from .records import CacheStats, PairInfo, PairResult, WeightRecord
 from .registry import ModelSpec, PairSpec, slug
 
 if TYPE_CHECKING:
+    from .metrics.layer import Form
     from .traces import Trace, TraceSet
 
 #: Bump when the rows computed per (pair, trace, layer) change meaning: it keys the cache.
@@ -665,7 +666,7 @@ class Engine:
                         self.stats.metrics_computed += 1
         del hidden, hb
 
-    def _form(self) -> str:
+    def _form(self) -> Form:
         """N x N Gram matrices on a GPU (shared base kernels); today's auto form on CPU."""
         return "gram" if self.device.startswith("cuda") else "auto"
 

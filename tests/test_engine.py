@@ -38,7 +38,9 @@ from reasondiff.registry import ModelSpec, PairSpec
 TOY = ("base", "massive", "sft-a", "rl-a")
 
 
-def reference_scores(x: torch.Tensor, y: torch.Tensor, *, k: int = 10, median: str = "offdiag") -> dict[str, float]:
+def reference_scores(
+    x: torch.Tensor, y: torch.Tensor, *, k: int = 10, median: str = "offdiag"
+) -> dict[str, float]:
     """Today's per-pair path (the session's ``_score_layer`` before the engine)."""
     sx = CkaStats.from_matrix(x, name="x")
     sy = CkaStats.from_matrix(y, name="y")
@@ -80,7 +82,9 @@ def assert_close(got: dict[str, Any], want: dict[str, float], tol: float, what: 
 @pytest.mark.parametrize("n, d", [(300, 64), (48, 96)], ids=["N>D", "N<D"])
 @pytest.mark.parametrize("form", ["auto", "gram"])
 @pytest.mark.parametrize("median", ["offdiag", "all"])
-def test_shared_base_scores_equal_todays_pairwise_path(n: int, d: int, form: str, median: str) -> None:
+def test_shared_base_scores_equal_todays_pairwise_path(
+    n: int, d: int, form: str, median: str
+) -> None:
     """One prepared base scores three descendants exactly as three fresh pairwise runs."""
     x = massive_data(0, n, d)
     base = prepare_base_layer(x, name="base", k=10, form=form)  # type: ignore[arg-type]
@@ -130,7 +134,11 @@ def test_engine_values_equal_todays_path_on_the_toy_family(fresh_cache: Path) ->
     from reasondiff.traces import load_trace_set
 
     results = compare(
-        "toy:base", ["toy:massive", "toy:sft-a"], traces="toy", cache_dir=fresh_cache, layers=[0, 4, 6]
+        "toy:base",
+        ["toy:massive", "toy:sft-a"],
+        traces="toy",
+        cache_dir=fresh_cache,
+        layers=[0, 4, 6],
     )
     traces = load_trace_set(ensure_toy_traces(fresh_cache / "toy", "a")).traces[:3]
     base_dir = ensure_toy_model(fresh_cache / "toy", "base")
@@ -138,7 +146,10 @@ def test_engine_values_equal_todays_path_on_the_toy_family(fresh_cache: Path) ->
         desc_dir = ensure_toy_model(fresh_cache / "toy", recipe)
         got = {(r.trace, r.layer, r.metric): r.value for r in result.cka}
         for trace in traces:
-            hb, hd = _hidden(base_dir, list(trace.token_ids)), _hidden(desc_dir, list(trace.token_ids))
+            hb, hd = (
+                _hidden(base_dir, list(trace.token_ids)),
+                _hidden(desc_dir, list(trace.token_ids)),
+            )
             for lay in (0, 4, 6, 10):
                 want = reference_scores(hb[f"hidden.{lay}"], hd[f"hidden.{lay}"])
                 mine = {m: got[(f"toy-a:{trace.id}", lay, m)] for m in LAYER_METRICS}
@@ -150,7 +161,11 @@ def test_engine_values_equal_todays_path_on_the_toy_family(fresh_cache: Path) ->
 def _specs(recipes: list[str]) -> tuple[ModelSpec, list[PairSpec]]:
     base = ModelSpec(key="toy-base", source="toy:base")
     pairs = [
-        PairSpec(base=base, descendant=ModelSpec(key=f"toy-{r}", source=f"toy:{r}", base="toy-base"), group=None)
+        PairSpec(
+            base=base,
+            descendant=ModelSpec(key=f"toy-{r}", source=f"toy:{r}", base="toy-base"),
+            group=None,
+        )
         for r in recipes
     ]
     return base, pairs
@@ -191,7 +206,9 @@ def test_one_base_forward_per_trace_for_all_descendants_and_a_warm_rerun_loads_n
 
 
 @pytest.mark.slow
-def test_two_workers_split_the_descendants_within_k_plus_workers_forwards(fresh_cache: Path) -> None:
+def test_two_workers_split_the_descendants_within_k_plus_workers_forwards(
+    fresh_cache: Path,
+) -> None:
     """Worker A claims ceil(k / 2) pairs, worker B the rest: k + 2 forwards per trace."""
     _, pairs = _specs(["massive", "sft-a", "rl-a"])
     a, b = _engine(fresh_cache, workers=2), _engine(fresh_cache, workers=2)
@@ -226,7 +243,11 @@ def test_a_bad_sibling_does_not_fail_the_requested_pair(fresh_cache: Path, tmp_p
     shutil.copytree(ensure_toy_model(fresh_cache / "toy", "rl-a"), broken)
     (broken / "config.json").write_text('{"num_hidden_layers": 3}', "utf-8")
     base, pairs = _specs(["massive"])
-    bad = PairSpec(base=base, descendant=ModelSpec(key="broken", source=str(broken), base="toy-base"), group=None)
+    bad = PairSpec(
+        base=base,
+        descendant=ModelSpec(key="broken", source=str(broken), base="toy-base"),
+        group=None,
+    )
     engine = _engine(fresh_cache)
     good = engine.pair_result(pairs[0], [*pairs, bad])
     assert good.cka
@@ -239,4 +260,48 @@ def test_engine_config_maps_every_option() -> None:
 
     opts = DiffOptions(dtype="float32", layers=(1, 2), dominant_k=5, keep_activations=True)
     cfg = EngineConfig.from_options(opts)
-    assert (cfg.dtype, cfg.layers, cfg.dominant_k, cfg.keep_activations) == ("float32", (1, 2), 5, True)
+    assert (cfg.dtype, cfg.layers, cfg.dominant_k, cfg.keep_activations) == (
+        "float32",
+        (1, 2),
+        5,
+        True,
+    )
+
+
+def test_fast_tokenizer_matches_auto_tokenizer_on_the_toy_tokenizer(toy_root: Path) -> None:
+    from reasondiff.fixtures.toy_traces import ensure_toy_traces
+    from reasondiff.models import load_tokenizer
+    from reasondiff.tokenizer import FastTokenizer, load_fast_tokenizer
+    from reasondiff.traces import load_trace_set, tokenizer_identity
+
+    path = ensure_toy_model(toy_root / "toy", "base")
+    fast, auto = load_fast_tokenizer(path), load_tokenizer(path)
+    assert isinstance(fast, FastTokenizer)
+    assert tokenizer_identity(fast) == tokenizer_identity(auto)
+    for trace in load_trace_set(ensure_toy_traces(toy_root / "toy", "a")).traces[:4]:
+        ids = fast(trace.text, add_special_tokens=False)["input_ids"]
+        assert ids == auto(trace.text, add_special_tokens=False)["input_ids"]
+        assert fast.convert_ids_to_tokens(ids) == auto.convert_ids_to_tokens(ids)
+        assert fast.decode(ids) == auto.decode(ids)
+
+
+def test_fingerprints_are_hashed_once_across_processes(
+    toy_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reasondiff import fingerprint
+
+    path = ensure_toy_model(toy_root / "toy", "base")
+    hashed: list[str] = []
+    real = fingerprint._sha256_file
+    monkeypatch.setattr(fingerprint, "_sha256_file", lambda p: hashed.append(p.name) or real(p))
+    monkeypatch.setattr(fingerprint, "_MEMO", {})
+    first = _engine(tmp_path).fingerprint(path)
+    assert hashed, "the first process hashes the files"
+    hashed.clear()
+    monkeypatch.setattr(fingerprint, "_MEMO", {})  # a new process (an xdist worker)
+    assert _engine(tmp_path).fingerprint(path) == first
+    assert hashed == []
+    (path / "config.json").touch()  # a change (mtime / ctime) re-hashes that file only
+    monkeypatch.setattr(fingerprint, "_MEMO", {})
+    assert _engine(tmp_path).fingerprint(path) == first
+    assert hashed == ["config.json"]
