@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..records import CKA_METRICS, DIAGNOSTIC_METRICS
 from ._validate import Matrix
 from .dominant import dominant_datapoints, projection_norm_correlation, top_norm_overlap
 from .massive import MassiveActivations, massive_activations
@@ -30,22 +31,10 @@ from .prepared import CkaStats, linear_cka_and_ablated, rbf_cka_prepared
 
 Form = Literal["auto", "gram"]
 
-#: The per-layer metric names, in the order they are stored (cache entries, bundles).
-LAYER_METRICS = (
-    "linear",
-    "rbf",
-    "linear_without_dominant",
-    "pc1_share_base",
-    "pc1_share_descendant",
-    "pc1_carried",
-    "dominant_count",
-    "top_norm_overlap_base",
-    "top_norm_overlap_descendant",
-    "proj_norm_corr_base",
-    "proj_norm_corr_descendant",
-    "massive_count_base",
-    "massive_count_descendant",
-)
+#: The per-layer metric names, in the order they are stored (cache entries, bundles):
+#: the three CKA curves (their ``*_prenorm`` forms are added at the last layer) and the
+#: diagnostics, as :mod:`reasondiff.records` defines them.
+LAYER_METRICS = (*CKA_METRICS[:3], *DIAGNOSTIC_METRICS)
 
 
 #: Largest N held as N x N Gram matrices under ``form="gram"`` (5 x 512 MiB float64 at 8192).
