@@ -217,7 +217,7 @@ class DiffSession:
         """``pair``'s curve extension in its scope (``reasondiff.snapshots.curve_extension``)."""
         from .snapshots import curve_extension
 
-        return curve_extension(self.options, pair)
+        return curve_extension(self.options, pair, selected=self.pairs, registry=self.registry)
 
     def record_verdict(self, verdict: Verdict) -> None:
         """Keep the latest verdict per (finding, subject) for the report and bundle."""

@@ -59,11 +59,13 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from syrupy.data import SnapshotCollections
 from syrupy.extensions.json import JSONSnapshotExtension
 
 from .bundle import atomic_write_text
@@ -76,7 +78,7 @@ if TYPE_CHECKING:
     from syrupy.types import PropertyFilter, PropertyMatcher, SerializableData, SerializedData
 
     from .options import DiffOptions
-    from .registry import PairSpec
+    from .registry import PairSpec, Registry
 
 __all__ = [
     "DEFAULT_SNAPSHOT_DIRNAME",
@@ -343,22 +345,48 @@ def run_snapshot_scope(options: DiffOptions, pairs: Iterable[PairSpec]) -> str:
     return "+".join(sorted({s for p in pairs if (s := snapshot_scope(p)) is not None}))
 
 
-def curve_extension(options: DiffOptions, pair: PairSpec) -> type[CurveSnapshotExtension] | None:
-    """The tolerant curve extension storing ``pair``'s snapshots in its scope (None: none)."""
+def curve_extension(
+    options: DiffOptions,
+    pair: PairSpec,
+    *,
+    selected: Iterable[PairSpec] = (),
+    registry: Registry | None = None,
+) -> type[CurveSnapshotExtension] | None:
+    """The tolerant curve extension storing ``pair``'s snapshots in its scope (None: none).
+
+    ``selected`` are the run's pairs and ``registry`` the loaded registry: the other
+    registry pairs of ``pair``'s group that this run did not select (a partial bundle
+    replay, say) keep their snapshots out of the run's judgement, while a file of a pair
+    the group no longer has is still an orphan.
+    """
     scope = snapshot_scope(pair)
     if scope is None:
         return None
     root = None
     if options.snapshot_dir:
         root = str(Path(options.snapshot_dir).expanduser().resolve())
+    known: set[str] = set()
+    if pair.label is None and registry is not None and pair.group in registry.groups:
+        assert pair.group is not None
+        known = {p.pair_id for p in registry.pairs(pair.group)}
+    unselected = frozenset(known - {p.pair_id for p in selected} - {pair.pair_id})
     return scoped_curve_extension(
-        root=root, scope=scope, atol=options.curve_atol, rtol=options.curve_rtol
+        root=root,
+        scope=scope,
+        atol=options.curve_atol,
+        rtol=options.curve_rtol,
+        unselected=unselected,
     )
 
 
 @functools.cache
 def scoped_curve_extension(
-    *, root: str | None, scope: str, atol: float, rtol: float = 0.0
+    *,
+    root: str | None,
+    scope: str,
+    atol: float,
+    rtol: float = 0.0,
+    unselected: frozenset[str] = frozenset(),
 ) -> type[CurveSnapshotExtension]:
     """A curve extension storing under ``<root>/<scope>/<test file>/`` (cached per arguments).
 
@@ -366,7 +394,8 @@ def scoped_curve_extension(
     single-file extension's snapshots in the parent of its ``dirname`` when that folder
     is named after the test file, i.e. in ``<root>/<scope>/`` only: other scopes are
     never discovered, so never reported as unused and never deleted, while an orphan
-    inside this scope still is.
+    inside this scope still is. Files of the pair ids in ``unselected`` (pairs of the
+    scope that this run does not compare) are not discovered either.
     """
     base = make_curve_extension(atol=atol, rtol=rtol)
     scope_parts = tuple(part for part in scope.split("/") if part)
@@ -381,13 +410,37 @@ def scoped_curve_extension(
         )
         return str(top.joinpath(*scope_parts, test_location.basename))
 
+    def discover_snapshots(
+        self: CurveSnapshotExtension,
+        *,
+        test_location: PyTestLocation,
+        ignore_extensions: list[str] | None = None,
+    ) -> SnapshotCollections:
+        found = base.discover_snapshots(
+            self, test_location=test_location, ignore_extensions=ignore_extensions
+        )
+        if not unselected:
+            return found
+        kept = SnapshotCollections()
+        for collection in found:
+            if _pair_id_of(Path(collection.location).name) not in unselected:
+                kept.add(collection)
+        return kept
+
     return type(
         f"{base.__name__}_{slug(scope).replace('.', '_')}",
         (base,),
         {
             "dirname": classmethod(dirname),
+            "discover_snapshots": discover_snapshots,
             "snapshot_root": root,
             "snapshot_scope": scope,
             "__module__": __name__,
         },
     )
+
+
+def _pair_id_of(filename: str) -> str | None:
+    """``test_curves[<pair id>][<metric>].json`` -> the pair id (None when not of that form)."""
+    m = re.match(r"[^\[]*\[([^\]]*)\]", filename)
+    return m.group(1) if m else None
