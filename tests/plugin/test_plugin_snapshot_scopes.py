@@ -128,3 +128,24 @@ def test_each_scope_is_judged_and_updated_alone(
     assert _without_scope(after, "labels/x") == _without_scope(before, "labels/x")
     assert _in_scope(after, "labels/x").keys() == _in_scope(before, "labels/x").keys()
     assert _in_scope(after, "labels/x") != _in_scope(before, "labels/x")
+
+
+def test_snapshot_dir_is_anchored_where_it_was_given(pytester: pytest.Pytester) -> None:
+    """A relative ``--snapshot-dir`` is taken from the invocation folder, a relative ini
+    ``snapshot_dir`` from the ini file's folder, so a cd inside a test moves nothing."""
+    pytester.makeini("[pytest]\nsnapshot_dir = team/snaps\n")
+    pytester.makepyfile(
+        test_where="""
+        def test_where(diff_options):
+            print("SNAPSHOT_DIR=" + diff_options.snapshot_dir)
+        """
+    )
+    sub = pytester.mkdir("sub")
+    result = pytester.runpytest("-s", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines([f"*SNAPSHOT_DIR={pytester.path / 'team' / 'snaps'}"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(sub)
+        result = pytester.runpytest(
+            str(pytester.path), "-s", "-p", "no:cacheprovider", "--snapshot-dir", "mine"
+        )
+    result.stdout.fnmatch_lines([f"*SNAPSHOT_DIR={sub / 'mine'}"])
