@@ -357,7 +357,7 @@ def curve_extension(
     ``selected`` are the run's pairs and ``registry`` the loaded registry: the other
     registry pairs of ``pair``'s group that this run did not select (a partial bundle
     replay, say) keep their snapshots out of the run's judgement, while a file of a pair
-    the group no longer has is still an orphan.
+    the scope no longer has is an orphan.
     """
     scope = snapshot_scope(pair)
     if scope is None:
@@ -369,13 +369,14 @@ def curve_extension(
     if pair.label is None and registry is not None and pair.group in registry.groups:
         assert pair.group is not None
         known = {p.pair_id for p in registry.pairs(pair.group)}
-    unselected = frozenset(known - {p.pair_id for p in selected} - {pair.pair_id})
+    chosen = {p.pair_id for p in selected if snapshot_scope(p) == scope} | {pair.pair_id}
     return scoped_curve_extension(
         root=root,
         scope=scope,
         atol=options.curve_atol,
         rtol=options.curve_rtol,
-        unselected=unselected,
+        unselected=frozenset(known - chosen),
+        pair_ids=frozenset(known | chosen),
     )
 
 
@@ -387,6 +388,7 @@ def scoped_curve_extension(
     atol: float,
     rtol: float = 0.0,
     unselected: frozenset[str] = frozenset(),
+    pair_ids: frozenset[str] | None = None,
 ) -> type[CurveSnapshotExtension]:
     """A curve extension storing under ``<root>/<scope>/<test file>/`` (cached per arguments).
 
@@ -396,6 +398,12 @@ def scoped_curve_extension(
     never discovered, so never reported as unused and never deleted, while an orphan
     inside this scope still is. Files of the pair ids in ``unselected`` (pairs of the
     scope that this run does not compare) are not discovered either.
+
+    ``pair_ids`` are all pairs the scope has (None: not known). A file of any other pair
+    is an orphan, and every test of its folder claims it, so that syrupy judges it
+    whichever tests ran, also when the snapshot dir lies outside the test paths given
+    (``--pyargs reasondiff.diffs --snapshot-dir DIR``); syrupy would otherwise relate it
+    to no test (its name names none) and skip it.
     """
     base = make_curve_extension(atol=atol, rtol=rtol)
     scope_parts = tuple(part for part in scope.split("/") if part)
@@ -427,12 +435,30 @@ def scoped_curve_extension(
                 kept.add(collection)
         return kept
 
+    def matches_test_location(
+        cls: type[CurveSnapshotExtension],
+        *,
+        test_location: PyTestLocation,
+        snapshot_location: str,
+    ) -> bool:
+        if base.matches_test_location.__func__(  # type: ignore[attr-defined]
+            cls, test_location=test_location, snapshot_location=snapshot_location
+        ):
+            return True
+        loc = Path(snapshot_location)
+        return (
+            pair_ids is not None
+            and _pair_id_of(loc.name) not in pair_ids
+            and str(loc.parent) == dirname(cls, test_location=test_location)
+        )
+
     return type(
         f"{base.__name__}_{slug(scope).replace('.', '_')}",
         (base,),
         {
             "dirname": classmethod(dirname),
             "discover_snapshots": discover_snapshots,
+            "matches_test_location": classmethod(matches_test_location),
             "snapshot_root": root,
             "snapshot_scope": scope,
             "__module__": __name__,

@@ -268,6 +268,44 @@ def test_discovery_sees_only_its_scope_and_not_the_unselected_pairs(tmp_path: Pa
     assert found(series) == ["labels/x/test_curves/test_curves[x][linear].json"]
 
 
+def test_an_orphan_belongs_to_every_test_of_its_folder(tmp_path: Path) -> None:
+    """syrupy relates a snapshot file to a test by its name; an orphan's name names no
+    test, so outside the given test paths syrupy would skip it. The scoped extension
+    relates it to the folder's tests, and only it: files of the scope's pairs keep
+    syrupy's name matching (so a deselected pair's snapshots are never judged)."""
+    root = tmp_path / "team"
+    registry = Registry.load([])
+    toy = registry.pairs("toy")
+    massive = next(p for p in toy if p.pair_id == "toy-base__toy-massive")
+    ext = curve_extension(
+        DiffOptions(snapshot_dir=str(root)), massive, selected=toy, registry=registry
+    )
+    assert ext is not None
+
+    class Ran(_Loc):
+        def matches_snapshot_location(self, location: str) -> bool:
+            return Path(location).stem.startswith("test_curves[toy-base__toy-massive][")
+
+        def matches_snapshot_site(self, location: str) -> bool:
+            return True
+
+        is_item_parametrized = True
+        snapshot_name_parametrized = "test_curves[toy-base__toy-massive]"
+
+    loc = Ran(tmp_path / "site-packages" / "reasondiff" / "diffs" / "test_curves.py")
+    folder = root / "toy" / "test_curves"
+
+    def claims(name: str, where: Path = folder) -> bool:
+        return bool(
+            ext.matches_test_location(test_location=loc, snapshot_location=str(where / name))  # type: ignore[arg-type]
+        )
+
+    assert claims("test_curves[toy-base__toy-massive][rbf].json")  # its own
+    assert claims("test_curves[toy-base__toy-gone][rbf].json")  # an orphan
+    assert not claims("test_curves[toy-base__toy-copy][rbf].json")  # another pair's
+    assert not claims("test_curves[toy-base__toy-gone][rbf].json", root / "mini" / "test_curves")
+
+
 # --------------------------------------------------------------------------- store
 def test_interrupted_write_leaves_old_snapshot_intact(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
