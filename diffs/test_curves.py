@@ -1,11 +1,14 @@
 """Curve snapshots: each pair's per-layer curves against the last accepted ones.
 
 Per pair, the primary trace set's mean ``linear``, ``rbf`` and ``linear_without_dominant``
-CKA and the per-layer mean normalized weight difference (``weight_diff``) are compared
-with their snapshot within ``--curve-atol`` / ``--curve-rtol``. Registry groups keep
-their snapshots under ``__snapshots__/<group>/test_curves/``; an ad-hoc ``--label``
-series under ``__snapshots__/labels/`` (keyed by the label, so the next checkpoint of the series is
-compared with the last accepted one). ``--snapshot-update`` accepts new curves.
+CKA per hidden-state layer (0 = embeddings) and the mean normalized weight difference per
+decoder block (``weight_diff``, indexed by ``block``) are compared with their snapshot
+within ``--curve-atol`` / ``--curve-rtol``. Registry groups keep their snapshots under
+``<snapshot dir>/<group>/test_curves/``; an ad-hoc ``--label`` series under
+``<snapshot dir>/labels/<label>/test_curves/`` (keyed by the label, so the next
+checkpoint of the series is compared with the last accepted one). The snapshot dir is
+``--snapshot-dir`` or ``snapshots/`` next to this file. ``--snapshot-update`` accepts
+new curves, in the scopes this run selected only.
 """
 
 from __future__ import annotations
@@ -18,25 +21,25 @@ CKA_CURVES = ("linear", "rbf", "linear_without_dominant")
 
 
 def weight_diff_curve(records: list[WeightRecord]) -> dict:
-    """Mean normalized diff over the comparable tensors of each decoder layer."""
-    per_layer: dict[int, list[float]] = {}
+    """Mean normalized diff over the comparable tensors of each decoder block.
+
+    Keyed ``blocks``, not ``layers``: block b is hidden-state layer b + 1, so the two
+    axes must not be mistaken for each other.
+    """
+    per_block: dict[int, list[float]] = {}
     for r in records:
         if r.layer >= 0 and not r.note:
-            per_layer.setdefault(r.layer, []).append(r.normalized_diff)
-    layers = sorted(per_layer)
+            per_block.setdefault(r.layer, []).append(r.normalized_diff)
+    blocks = sorted(per_block)
     return {
         "metric": "weight_diff",
-        "layers": layers,
-        "values": [sum(per_layer[lay]) / len(per_layer[lay]) for lay in layers],
+        "blocks": blocks,
+        "values": [sum(per_block[b]) / len(per_block[b]) for b in blocks],
     }
 
 
 def test_curves(pair, pair_result, finding, curve_snapshot):
-    if pair.group is None and pair.label is None:
-        pytest.skip(
-            f"{pair.pair_id}: ad-hoc comparison without --label is measured and reported, "
-            "not snapshotted (give --label NAME to track a checkpoint series)"
-        )
+    # curve_snapshot skips an ad-hoc pair without --label (nothing to compare with)
     payloads = {}
     for metric in CKA_CURVES:
         c = finding.curve(pair_result, metric)

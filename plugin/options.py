@@ -238,6 +238,14 @@ OPTIONS: tuple[_Opt, ...] = (
         metavar="DIR",
     ),
     _Opt(
+        "--snapshot-dir",
+        "snapshot_dir",
+        "curve snapshots live under DIR/<group or labels/LABEL>/ "
+        "(default: snapshots/ next to the finding tests)",
+        ini=True,
+        metavar="DIR",
+    ),
+    _Opt(
         "--from-results",
         "from_results",
         "replay a results bundle instead of loading models",
@@ -415,6 +423,7 @@ class DiffOptions:
     diff_cache: str | None = None
     diff_cache_cap: int | None = None
     report_dir: str | None = None
+    snapshot_dir: str | None = None
     from_results: str | None = None
     bathtub_delta: float = BATHTUB_DELTA
     bathtub_band: tuple[float, float] = BATHTUB_BAND
@@ -485,11 +494,25 @@ def options_from_config(config: pytest.Config) -> DiffOptions:
             raise pytest.UsageError(f"{where}: {exc}") from None
         if opt.dest == "model_group":
             values["model_group_given"] = True
+        if opt.dest == "snapshot_dir":
+            values["snapshot_dir"] = _anchored_dir(config, text, from_ini=where != opt.flag)
     for _flag, dest, _text in _FLAGS:
         values[dest] = bool(config.getoption(f"rd_{dest}"))
     opts = DiffOptions(**values)
     _check_choices(opts)
     return opts
+
+
+def _anchored_dir(config: pytest.Config, text: str, *, from_ini: bool) -> str:
+    """An absolute path: a relative one is taken from the ini file's folder (ini key) or
+    the invocation folder (command line), so a test that changes directory moves nothing."""
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        anchor = (
+            config.inipath.parent if from_ini and config.inipath else config.invocation_params.dir
+        )
+        path = anchor / path
+    return str(path)
 
 
 def _check_choices(opts: DiffOptions) -> None:

@@ -168,14 +168,21 @@ def finding(diff_session: DiffSession, request: pytest.FixtureRequest) -> Findin
 
 
 @pytest.fixture
-def curve_snapshot(snapshot: Any, diff_session: DiffSession) -> Any:
+def curve_snapshot(snapshot: Any, diff_session: DiffSession, pair: PairSpec) -> Any:
     """syrupy's ``snapshot`` with the tolerant curve extension (``--curve-atol/--curve-rtol``).
 
-    Snapshots live in ``__snapshots__/<scope>/<test file>/`` where scope is the model
-    group (``labels`` for ad-hoc ``--label`` series), so a run of one group never reports
-    another group's snapshots as unused.
+    Snapshots live in ``<snapshot dir>/<scope>/<test file>/`` where scope is the pair's
+    model group (``labels/<label>`` for an ad-hoc ``--label`` series), so a run never
+    reports or touches another scope's snapshots (``reasondiff.snapshots``). An ad-hoc
+    pair without ``--label`` has no scope: the test is skipped.
     """
-    return snapshot.use_extension(diff_session.snapshot_extension())
+    extension = diff_session.snapshot_extension(pair)
+    if extension is None:
+        pytest.skip(
+            f"{pair.pair_id}: ad-hoc comparison without --label is measured and reported, "
+            "not snapshotted (give --label NAME to track a checkpoint series)"
+        )
+    return snapshot.use_extension(extension)
 
 
 # ---------------------------------------------------------------------- finding helper

@@ -69,7 +69,6 @@ class DiffSession:
         self.notes = self.engine.notes
         self._curves: dict[tuple[str, str | None], dict[str, Curve]] = {}
         self._bundle_results: dict[str, PairResult] = {}
-        self._snapshot_ext: type | None = None
         self.pairs: list[PairSpec] = self._select_pairs()
 
     # ------------------------------------------------------------------ set-up
@@ -169,35 +168,16 @@ class DiffSession:
         return out
 
     def snapshot_scope(self) -> str:
-        """Folder under the snapshot dir: the model group, or ``labels`` for ad-hoc series."""
-        if self.options.adhoc:
-            return "labels"
-        groups = {p.group for p in self.pairs}
-        if len(groups) == 1:
-            (g,) = groups
-            return slug(g) if g else "labels"
-        return "mixed"
+        """The snapshot scopes this run judges (``reasondiff.snapshots.run_snapshot_scope``)."""
+        from .snapshots import run_snapshot_scope
 
-    def snapshot_extension(self) -> type:
-        """The tolerant curve extension, storing under ``__snapshots__/<scope>/``."""
-        if self._snapshot_ext is None:
-            from .snapshots import make_curve_extension
+        return run_snapshot_scope(self.options, self.pairs)
 
-            base: Any = make_curve_extension(
-                atol=self.options.curve_atol, rtol=self.options.curve_rtol
-            )
-            scope = self.snapshot_scope()
+    def snapshot_extension(self, pair: PairSpec) -> type | None:
+        """``pair``'s curve extension in its scope (``reasondiff.snapshots.curve_extension``)."""
+        from .snapshots import curve_extension
 
-            class ScopedCurveExtension(base):  # type: ignore[misc,valid-type]
-                @classmethod
-                def dirname(cls, *, test_location: Any) -> str:
-                    # <tests>/__snapshots__/<scope>/<test file>/: syrupy relates a file to
-                    # its test by the parent folder's name, and discovers per scope.
-                    default = Path(super().dirname(test_location=test_location))
-                    return str(default.parent / scope / default.name)
-
-            self._snapshot_ext = ScopedCurveExtension
-        return self._snapshot_ext
+        return curve_extension(self.options, pair, selected=self.pairs, registry=self.registry)
 
     def record_verdict(self, verdict: Verdict) -> None:
         """Keep the latest verdict per (finding, subject) for the report and bundle."""

@@ -11,8 +11,18 @@ import pytest
 from syrupy.data import Snapshot, SnapshotCollection
 
 from reasondiff import bundle as bundle_mod
+from reasondiff.options import DiffOptions
 from reasondiff.records import Curve
-from reasondiff.snapshots import CurveSnapshotExtension, make_curve_extension, parse_curve
+from reasondiff.registry import Registry, adhoc_pair
+from reasondiff.snapshots import (
+    CurveSnapshotExtension,
+    curve_extension,
+    make_curve_extension,
+    parse_curve,
+    run_snapshot_scope,
+    scoped_curve_extension,
+    snapshot_scope,
+)
 
 pytest_plugins = ["pytester"]
 
@@ -143,6 +153,157 @@ def test_make_curve_extension_caches_and_validates() -> None:
         make_curve_extension(atol=-1.0)
     with pytest.raises(ValueError, match="rtol"):
         make_curve_extension(atol=0.0, rtol=math.nan)
+
+
+# --------------------------------------------------------------------------- blocks
+def test_a_weight_curve_is_indexed_by_block() -> None:
+    text = _ser({"metric": "weight_diff", "blocks": [0, 3], "values": [0.0, 0.25]})
+    assert '{"block": 3, "value": 0.25}' in text and '"layer"' not in text
+    parsed = parse_curve(text)
+    assert (parsed.axis, parsed.layers, parsed.values) == ("block", (0, 3), (0.0, 0.25))
+    assert parse_curve(_ser({"metric": "linear", "layers": [0], "values": [1.0]})).axis == "layer"
+    with pytest.raises(ValueError, match="'layers' or 'blocks', not both"):
+        _ser({"metric": "w", "layers": [0], "blocks": [0], "values": [1.0]})
+    with pytest.raises(ValueError, match="value at block 1"):
+        _ser({"metric": "w", "blocks": [0, 1], "values": [1.0, math.inf]})
+
+
+def test_block_and_layer_snapshots_never_match_and_diff_lines_say_block() -> None:
+    ext = make_curve_extension(atol=0.02)()
+    by_block = _ser({"metric": "weight_diff", "blocks": [0, 1, 2], "values": [0.0, 0.3, 0.0]})
+    by_layer = _ser({"metric": "weight_diff", "layers": [0, 1, 2], "values": [0.0, 0.3, 0.0]})
+    assert ext.matches(serialized_data=by_block, snapshot_data=by_block)
+    assert not ext.matches(serialized_data=by_block, snapshot_data=by_layer)
+    assert list(ext.diff_lines(by_block, by_layer)) == [
+        "axis: snapshot indexed by layer, now by block; run --snapshot-update to accept the new form"
+    ]
+    drifted = _ser({"metric": "weight_diff", "blocks": [0, 1, 2], "values": [0.0, 0.1, 0.0]})
+    assert list(ext.diff_lines(drifted, by_block)) == [
+        "weight_diff: 1 of 3 block(s) beyond tolerance; worst block 1 |diff| 0.2",
+        "block 1: snapshot 0.3000 -> now 0.1000 (|diff| 0.2 > atol 0.02)",
+    ]
+
+
+def test_committed_weight_snapshots_are_indexed_by_block() -> None:
+    root = Path(__file__).resolve().parents[1] / "diffs" / "snapshots"
+    files = sorted(root.glob("*/test_curves/*[[]weight_diff[]].json"))
+    assert files, f"no weight_diff snapshots under {root}"
+    for f in files:
+        assert parse_curve(f.read_text()).axis == "block", f
+
+
+# --------------------------------------------------------------------------- scopes
+class _Loc:
+    """The two attributes of syrupy's PyTestLocation that the storage layout reads."""
+
+    def __init__(self, test_file: Path) -> None:
+        self.filepath = str(test_file)
+        self.basename = test_file.stem
+
+
+def test_scope_is_the_group_or_the_label() -> None:
+    registry = Registry.load([])
+    toy = registry.pairs("toy")
+    assert {snapshot_scope(p) for p in toy} == {"toy"}
+    labelled = adhoc_pair("org/base", "./ckpt-42", label="My Run 7")
+    assert snapshot_scope(labelled) == "labels/my-run-7"
+    assert snapshot_scope(adhoc_pair("org/base", "./ckpt-42")) is None
+    assert run_snapshot_scope(DiffOptions(), [*toy, labelled]) == "labels/my-run-7+toy"
+    assert run_snapshot_scope(DiffOptions(), [adhoc_pair("a/b", "c")]) == ""
+
+
+def test_snapshots_live_under_the_snapshot_dir_or_next_to_the_tests(tmp_path: Path) -> None:
+    loc = _Loc(tmp_path / "diffs" / "test_curves.py")
+    here = scoped_curve_extension(root=None, scope="toy", atol=0.02)
+    assert here.dirname(test_location=loc) == str(tmp_path / "diffs/snapshots/toy/test_curves")  # type: ignore[arg-type]
+    team = scoped_curve_extension(root=str(tmp_path / "team"), scope="labels/x", atol=0.02)
+    assert team.discovery_dirname(test_location=loc) == str(tmp_path / "team/labels/x")  # type: ignore[arg-type]
+    assert scoped_curve_extension(root=None, scope="toy", atol=0.02) is here
+    with pytest.raises(ValueError, match="not a relative folder"):
+        scoped_curve_extension(root=None, scope="../up", atol=0.02)
+    pair = adhoc_pair("toy:base", "toy:massive", label="x")
+    rel = curve_extension(DiffOptions(base="b", candidate="c", snapshot_dir="snaps"), pair)
+    assert rel is not None and rel.snapshot_root == str(Path("snaps").resolve())  # type: ignore[attr-defined]
+
+
+def test_discovery_sees_only_its_scope_and_not_the_unselected_pairs(tmp_path: Path) -> None:
+    """Other scopes are never discovered (so never unused, never deleted); files of the
+    group's pairs that this run did not select neither; an orphan of the scope is."""
+    root = tmp_path / "snaps"
+    for rel in (
+        "toy/test_curves/test_curves[toy-base__toy-massive][linear].json",
+        "toy/test_curves/test_curves[toy-base__toy-copy][linear].json",
+        "toy/test_curves/test_curves[toy-base__toy-gone][linear].json",
+        "mini/test_curves/test_curves[m__n][linear].json",
+        "labels/x/test_curves/test_curves[x][linear].json",
+        "labels/y/test_curves/test_curves[y][linear].json",
+    ):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(_ser([1.0, 0.5]))
+    loc = _Loc(tmp_path / "diffs" / "test_curves.py")
+    registry = Registry.load([])
+    toy = registry.pairs("toy")
+    massive = next(p for p in toy if p.pair_id == "toy-base__toy-massive")
+    options = DiffOptions(snapshot_dir=str(root))
+
+    def found(ext: type[CurveSnapshotExtension] | None) -> list[str]:
+        assert ext is not None
+        return sorted(
+            Path(c.location).relative_to(root).as_posix()
+            for c in ext().discover_snapshots(test_location=loc)  # type: ignore[arg-type]
+        )
+
+    whole_group = curve_extension(options, massive, selected=toy, registry=registry)
+    assert found(whole_group) == [
+        "toy/test_curves/test_curves[toy-base__toy-copy][linear].json",
+        "toy/test_curves/test_curves[toy-base__toy-gone][linear].json",
+        "toy/test_curves/test_curves[toy-base__toy-massive][linear].json",
+    ]
+    one_pair = curve_extension(options, massive, selected=[massive], registry=registry)
+    assert found(one_pair) == [
+        "toy/test_curves/test_curves[toy-base__toy-gone][linear].json",
+        "toy/test_curves/test_curves[toy-base__toy-massive][linear].json",
+    ]
+    series = curve_extension(options, adhoc_pair("a", "b", label="x"), registry=registry)
+    assert found(series) == ["labels/x/test_curves/test_curves[x][linear].json"]
+
+
+def test_an_orphan_belongs_to_every_test_of_its_folder(tmp_path: Path) -> None:
+    """syrupy relates a snapshot file to a test by its name; an orphan's name names no
+    test, so outside the given test paths syrupy would skip it. The scoped extension
+    relates it to the folder's tests, and only it: files of the scope's pairs keep
+    syrupy's name matching (so a deselected pair's snapshots are never judged)."""
+    root = tmp_path / "team"
+    registry = Registry.load([])
+    toy = registry.pairs("toy")
+    massive = next(p for p in toy if p.pair_id == "toy-base__toy-massive")
+    ext = curve_extension(
+        DiffOptions(snapshot_dir=str(root)), massive, selected=toy, registry=registry
+    )
+    assert ext is not None
+
+    class Ran(_Loc):
+        def matches_snapshot_location(self, location: str) -> bool:
+            return Path(location).stem.startswith("test_curves[toy-base__toy-massive][")
+
+        def matches_snapshot_site(self, location: str) -> bool:
+            return True
+
+        is_item_parametrized = True
+        snapshot_name_parametrized = "test_curves[toy-base__toy-massive]"
+
+    loc = Ran(tmp_path / "site-packages" / "reasondiff" / "diffs" / "test_curves.py")
+    folder = root / "toy" / "test_curves"
+
+    def claims(name: str, where: Path = folder) -> bool:
+        return bool(
+            ext.matches_test_location(test_location=loc, snapshot_location=str(where / name))  # type: ignore[arg-type]
+        )
+
+    assert claims("test_curves[toy-base__toy-massive][rbf].json")  # its own
+    assert claims("test_curves[toy-base__toy-gone][rbf].json")  # an orphan
+    assert not claims("test_curves[toy-base__toy-copy][rbf].json")  # another pair's
+    assert not claims("test_curves[toy-base__toy-gone][rbf].json", root / "mini" / "test_curves")
 
 
 # --------------------------------------------------------------------------- store

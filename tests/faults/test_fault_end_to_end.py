@@ -42,7 +42,7 @@ class FaultsGroup:
     traces: Path
     base: Path
     changed: Path
-    snapshots: Path  # the accepted curve snapshots (diffs/__snapshots__/faults)
+    snapshots: Path  # the accepted curve snapshots (diffs/snapshots/faults)
 
 
 def _scaled_copy(src: Path, dst: Path, tensor: str, factor: float) -> Path:
@@ -129,7 +129,7 @@ expect = {{ weight_distributed = false }}
     assert result.ret == 0, "\n".join(result.outlines[-60:])
     verdicts = _verdicts(root / "report")
     assert {v["subject"] for v in verdicts} >= {"fbase__fcopy", "fbase__fchanged"}
-    shutil.copytree(proj / "diffs" / "__snapshots__" / "faults", group.snapshots)
+    shutil.copytree(proj / "diffs" / "snapshots" / "faults", group.snapshots)
     return FaultsGroup(registry, group.cache, verdicts, traces, toy_base, changed, group.snapshots)
 
 
@@ -189,7 +189,7 @@ def test_nan_weight_in_candidate_fails_every_pair_test_naming_it(
 
 def _snapshot_files(project: Path) -> list[Path]:
     """This group's curve snapshots (the copied diffs/ may hold the toy group's too)."""
-    return sorted((project / "diffs" / "__snapshots__").rglob("faults/**/*.json"))
+    return sorted((project / "diffs" / "snapshots").rglob("faults/**/*.json"))
 
 
 _KILL_SNAPSHOT_WRITE = """
@@ -200,7 +200,7 @@ _real_fsync = os.fsync
 
 def _dying_fsync(fd):
     target = os.readlink(f"/proc/self/fd/{fd}")
-    if "__snapshots__" in target:
+    if "/diffs/snapshots/" in target:
         size = os.fstat(fd).st_size
         os.ftruncate(fd, size // 2)  # half of the new snapshot reached the disk ...
         os.kill(os.getpid(), signal.SIGKILL)  # ... when the process was killed
@@ -217,7 +217,7 @@ def test_snapshots_change_only_with_snapshot_update_and_never_tear(
     cache = tmp_path / "cache"
     shutil.copytree(faults_group.cache, cache)
     args = _group_args(faults_group, cache)
-    shutil.copytree(faults_group.snapshots, project / "diffs" / "__snapshots__" / "faults")
+    shutil.copytree(faults_group.snapshots, project / "diffs" / "snapshots" / "faults")
     snaps = _snapshot_files(project)
     assert len(snaps) == 8, snaps  # 2 pairs x (3 CKA curves + weight diff)
 

@@ -41,7 +41,7 @@ def _copy_project(dest: Path, *, snapshots: bool = True) -> Path:
     target.mkdir(exist_ok=True)
     for f in (REPO / "diffs").glob("*.py"):
         shutil.copy(f, target / f.name)
-    snaps = REPO / "diffs" / "__snapshots__"
+    snaps = REPO / "diffs" / "snapshots"
     if snapshots and snaps.is_dir():
-        shutil.copytree(snaps, target / "__snapshots__", dirs_exist_ok=True)
+        shutil.copytree(snaps, target / "snapshots", dirs_exist_ok=True)
     return target

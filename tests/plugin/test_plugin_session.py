@@ -34,7 +34,7 @@ def test_adhoc_session_has_one_pair_without_expectations() -> None:
     session = DiffSession.create(opts)
     (pair,) = session.pairs
     assert (pair.pair_id, pair.expect, pair.method) == ("run-7", {}, "RL")
-    assert session.snapshot_scope() == "labels"
+    assert session.snapshot_scope() == "labels/run-7"
     assert session.group_subjects()[0].expect == {}
 
 

@@ -313,7 +313,7 @@ def test_label_snapshot_workflow(
 
     assert run(*massive, "--label", "my-series", "--snapshot-update").ret == 0
     files = sorted(
-        p.name for p in (pytester.path / "diffs/__snapshots__/labels/test_curves").iterdir()
+        p.name for p in (pytester.path / "diffs/snapshots/labels/my-series/test_curves").iterdir()
     )
     assert len(files) == 4 and all("my-series" in f for f in files)
     assert run(*massive, "--label", "my-series").ret == 0
