@@ -116,7 +116,9 @@ def run_pytest(
         "--bootstrap", "50", "-k", "not test_curves and not trace_invariance",
         "--rootdir", str(REPO),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A plain run: not an xdist worker even when this script runs inside one (a test).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["PYTHONUNBUFFERED"] = "1"
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, check=False)
     seconds = time.perf_counter() - t0

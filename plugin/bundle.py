@@ -20,7 +20,7 @@ Import format (bundles made elsewhere, e.g. another tool's per-tensor CSV): only
 normalized_diff``. ``block`` and ``component`` are derived from the tensor name when
 absent or empty (:func:`~reasondiff.tensor_names.parse_tensor_name`, the parser the
 weight diff uses), other columns may be absent or empty (numbers become NaN; a missing
-``shape`` is ``()``, so such a row is not one of the 2-D matrices SFT-vs-RL pools). Without
+``shape`` is ``()``, and SFT-vs-RL then tells a matrix by its name). Without
 ``cka.csv`` the pairs have no CKA rows (CKA findings skip); without ``results.json`` the
 pairs are the (base, descendant) names of the rows, with the names as sources, so that a
 hub id matches the registry. A missing layer count is inferred from the rows.

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from reasondiff.metrics import rbf_cka
-from reasondiff.options import DiffOptions, rbf_median_key, rbf_median_note
+from reasondiff.metric_store import rbf_median_key
+from reasondiff.options import DiffOptions, rbf_median_note
 from reasondiff.traces import Trace, TraceSet
 
 

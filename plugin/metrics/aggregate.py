@@ -218,5 +218,14 @@ def per_matrix_diffs(records: Iterable[WeightRecord], *, blocks_only: bool = Fal
     return [
         r.normalized_diff
         for r in _comparable(records)
-        if len(r.shape) == 2 and (r.layer >= 0 or not blocks_only)
+        if _is_matrix(r) and (r.layer >= 0 or not blocks_only)
     ]
+
+
+def _is_matrix(r: WeightRecord) -> bool:
+    """2-D by its shape; an imported row without a shape by its name (a ``.weight`` that
+    is not a norm: projections, embeddings, lm_head)."""
+    if r.shape:
+        return len(r.shape) == 2
+    name = r.component or r.tensor
+    return name.endswith(".weight") and "norm" not in name
