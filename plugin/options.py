@@ -175,7 +175,7 @@ OPTIONS: tuple[_Opt, ...] = (
     _Opt(
         "--dtype",
         "dtype",
-        "auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)",
+        "auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype on CUDA, float32 on CPU)",
         "auto",
         ini=True,
         metavar="DTYPE",

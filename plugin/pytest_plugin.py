@@ -316,8 +316,11 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 
 def _write_outputs(ds: DiffSession, out_dir: Path) -> None:
     from .bundle import write_bundle
+    from .dtypes import dtypes_from_notes
 
-    write_bundle(out_dir, ds.ordered_results(), ds.ordered_verdicts(), config=ds.options.to_dict())
+    config = ds.options.to_dict()
+    config["dtype_resolved"] = dtypes_from_notes(n for r in ds.ordered_results() for n in r.notes)
+    write_bundle(out_dir, ds.ordered_results(), ds.ordered_verdicts(), config=config)
     ds.notes.append(f"results bundle written to {out_dir}")
     try:
         from reasondiff.reports import write_figures, write_index

@@ -319,6 +319,7 @@ class DiffSession:
             num_layers=num_layers,
         )
         result = PairResult(info=info)
+        result.notes.append(self._dtype_note(pair, base_dir, desc_dir))
         result.weights = self._weights(pair, base_dir, desc_dir)
         for src in self._sources():
             result.trace_sets.append(src.name)
@@ -496,6 +497,7 @@ class DiffSession:
         a pair another worker is computing (a group-level test) waits and then reads the
         finished entries instead of computing them a second time.
         """
+        from .dtypes import pair_dtype_key
         from .traces import trace_set_hash
 
         o = self.options
@@ -505,7 +507,7 @@ class DiffSession:
             desc=self._fingerprint(desc_dir),
             traces=trace_set_hash(src.trace_set),
             max_tokens=str(o.max_tokens),
-            dtype=self._dtype_name(),
+            dtype=pair_dtype_key(self._dtype_name(base_dir), self._dtype_name(desc_dir)),
             k=str(o.dominant_k),
             version=METRICS_VERSION,
         )
@@ -658,7 +660,7 @@ class DiffSession:
         meta = {
             "model": self._fingerprint(path),
             "trace": ids_hash,
-            "dtype": self._dtype_name(),
+            "dtype": self._dtype_name(path),
             "max_tokens": str(self.options.max_tokens),
             "extraction_version": str(EXTRACTION_VERSION),
             "layers": layer_part,
@@ -724,13 +726,26 @@ class DiffSession:
         if pair.descendant.key not in bases:
             self._models.pop(pair.descendant.key, None)
 
-    def _dtype_name(self) -> str:
-        """The dtype activations are computed in (``auto`` resolved by device)."""
-        if self.options.dtype != "auto":
-            return self.options.dtype
+    def _dtype_note(self, pair: PairSpec, base_dir: Path, desc_dir: Path) -> str:
+        from .dtypes import dtype_note
         from .models import pick_device
 
-        return "float32" if pick_device(self.options.device).startswith("cpu") else "bfloat16"
+        return dtype_note(
+            self._dtype_name(base_dir),
+            self._dtype_name(desc_dir),
+            base=pair.base.key,
+            descendant=pair.descendant.key,
+            option=self.options.dtype,
+            device=pick_device(self.options.device),
+        )
+
+    def _dtype_name(self, path: Path) -> str:
+        """The dtype the checkpoint at ``path`` runs in: the loader's own resolution."""
+        from .models import pick_device, read_config, resolve_dtype
+
+        return resolve_dtype(
+            self.options.dtype, pick_device(self.options.device), read_config(path)
+        )
 
     # ------------------------------------------------------------------ xdist merge / report
     def merge(
