@@ -25,6 +25,7 @@ from .options import DiffOptions, add_options, options_from_config
 from .records import CkaRecord, Curve, PairResult, Verdict, WeightRecord
 from .registry import PairSpec
 from .session import DiffSession, GroupSubject
+from .warning_policy import relax_blanket_error
 from .xdist_support import (
     apply_loadgroup_on_worker,
     default_to_loadgroup,
@@ -48,6 +49,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_cmdline_main(config: pytest.Config) -> Generator[None, Any, Any]:
     # Before xdist turns "-n N without --dist" into --dist load: keep pairs together.
     default_to_loadgroup(config)
+    # Before any pytest_configure: another plugin's warning must not stop the run.
+    relax_blanket_error(config)
     return (yield)
 
 
