@@ -136,7 +136,7 @@ OPTIONS: tuple[_Opt, ...] = (
     _Opt(
         "--traces",
         "traces",
-        "primary trace set (JSONL); default: the group's traces (toy: set 'a')",
+        "primary trace set (JSONL, or toy); default: the group's traces, the toy set 'a' for toy models only",
         ini=True,
         metavar="PATH",
     ),

@@ -25,6 +25,7 @@ from .options import DiffOptions, add_options, options_from_config
 from .records import CkaRecord, Curve, PairResult, Verdict, WeightRecord
 from .registry import PairSpec
 from .session import DiffSession, GroupSubject
+from .trace_choice import trace_specs
 from .warning_policy import relax_blanket_error
 from .xdist_support import (
     apply_loadgroup_on_worker,
@@ -78,6 +79,8 @@ def pytest_configure(config: pytest.Config) -> None:
         session = DiffSession.create(
             options, worker=worker_id(config), worker_count=worker_count(config), bundle=bundle
         )
+        if not options.from_results and not config.option.collectonly:
+            trace_specs(options, session.registry, session.pairs)  # real models need --traces
     except ReasondiffError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = session

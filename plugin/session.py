@@ -421,19 +421,10 @@ class DiffSession:
         return self._trace_sources
 
     def _trace_paths(self) -> list[Path]:
-        o = self.options
-        group_traces = None
-        if not o.adhoc and o.model_group in self.registry.groups:
-            group_traces = self.registry.groups[o.model_group].traces
-        primary_spec = o.traces or group_traces or "toy"
-        if not o.traces and not group_traces:
-            what = "the ad-hoc pair" if o.adhoc else f"group {o.model_group!r}"
-            self._note(
-                f"{what} names no trace set: using the toy traces (re-tokenized per model); "
-                "pass --traces PATH for the study's reasoning traces"
-            )
+        from .trace_choice import trace_specs
+
+        primary_spec, alt_spec = trace_specs(self.options, self.registry, self.pairs)
         paths = [self._trace_path(primary_spec, "a")]
-        alt_spec = o.traces_alt or ("toy" if primary_spec == "toy" else None)
         if alt_spec is not None:
             paths.append(self._trace_path(alt_spec, "b"))
         return paths
