@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from .diskcheck import check_report_dir
 from .errors import ModelUnavailable, ReasondiffError
 from .options import DiffOptions, add_options, options_from_config
 from .records import CkaRecord, Curve, PairResult, Verdict, WeightRecord
@@ -81,6 +82,8 @@ def pytest_configure(config: pytest.Config) -> None:
         )
         if not options.from_results and not config.option.collectonly:
             trace_specs(options, session.registry, session.pairs)  # real models need --traces
+        if options.report_dir and worker_id(config) is None and not config.option.collectonly:
+            check_report_dir(Path(options.report_dir))  # not a traceback after all the work
     except ReasondiffError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = session

@@ -368,7 +368,9 @@ class DiffSession:
 
     @property
     def toy_root(self) -> Path:
-        return self.options.cache_dir() / "toy"
+        from .diskcheck import toy_root
+
+        return toy_root(self.options.cache_dir())
 
     def _fingerprint(self, path: Path) -> str:
         if path not in self._fingerprints:
