@@ -152,3 +152,34 @@ def test_bf16_leaves_the_planted_carrier_unerased(tmp_path: Path) -> None:
     assert "activations computed in bfloat16; --dtype bfloat16 on cpu" in notes16
     notes32 = f32.pair_result(f32.pairs[0]).notes
     assert "activations computed in float32; --dtype auto on cpu" in notes32
+
+
+def test_bundle_config_records_the_resolved_dtypes(tmp_path: Path) -> None:
+    """results.json's config says what ``--dtype auto`` became, from the pairs' notes."""
+    from reasondiff.bundle import read_bundle
+    from reasondiff.pytest_plugin import _write_outputs
+    from reasondiff.records import PairInfo, PairResult, ReportData
+
+    note = dtype_note(
+        "bfloat16", "bfloat16", base="b", descendant="d", option="auto", device="cuda:0"
+    )
+    result = PairResult(info=PairInfo("b__d", "b", "d", "b", "d", None, None), notes=[note])
+
+    class Done:  # what _write_outputs reads from a finished DiffSession
+        def __init__(self) -> None:
+            self.options = DiffOptions()
+            self.notes: list[str] = []
+
+        def ordered_results(self) -> list[PairResult]:
+            return [result]
+
+        def ordered_verdicts(self) -> list:
+            return []
+
+        def report_data(self) -> ReportData:
+            return ReportData(notes=[note])
+
+    _write_outputs(Done(), tmp_path)  # type: ignore[arg-type]
+    config = read_bundle(tmp_path).config
+    assert config["dtype"] == "auto"
+    assert config["dtype_resolved"] == {"activations": ["bfloat16"], "device": "cuda"}
