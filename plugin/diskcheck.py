@@ -7,7 +7,7 @@ unusable ``--report-dir`` is a usage error at start-up (:func:`check_report_dir`
 a traceback after all the work.
 
 This module imports no torch (the plugin calls it while configuring) and writes nothing
-but empty probe files it removes again.
+but the report directory it is asked to check and empty probe files it removes again.
 """
 
 from __future__ import annotations
@@ -31,18 +31,29 @@ _TEMP_TOY_ROOTS: dict[Path, Path] = {}
 def dir_problem(path: Path, *, create: bool) -> str | None:
     """Why files cannot be written in ``path`` (None when they can).
 
-    With ``create`` the directory (and its parents) is made first; a probe file is then
-    created and removed, which catches read-only mounts and permission bits alike.
+    With ``create`` the directory (and its parents) is made first. An existing directory
+    gets a probe file created and removed, which catches read-only mounts and permission
+    bits alike; without ``create`` a missing one is judged by its nearest existing
+    ancestor, so nothing is created.
     """
     path = Path(path)
     try:
         if create:
             path.mkdir(parents=True, exist_ok=True)
-        if not path.is_dir():
-            return "not a directory" if path.exists() else "does not exist"
-        fd, probe = tempfile.mkstemp(prefix=".reasondiff-probe-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
+        if path.is_dir():
+            fd, probe = tempfile.mkstemp(prefix=".reasondiff-probe-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+            return None
+        if path.exists():
+            return "not a directory"
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            return f"{ancestor} is not a directory"
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            return f"{ancestor} is not writable"
     except OSError as exc:
         return exc.strerror or str(exc)
     return None
@@ -64,14 +75,14 @@ def toy_root(cache_dir: Path) -> Path:
     root = Path(cache_dir) / "toy"
     if root in _TEMP_TOY_ROOTS:
         return _TEMP_TOY_ROOTS[root]
-    problem = dir_problem(root, create=True)
+    problem = dir_problem(root, create=False)
     if problem is None or _family_built(root):
         return root
     tmp = Path(tempfile.mkdtemp(prefix="reasondiff-toy-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     _TEMP_TOY_ROOTS[root] = tmp
     log.warning(
-        "reasondiff: cannot build the toy family under %s (%s); building it in %s for this run",
+        "reasondiff: toy models and traces cannot go under %s (%s); using %s for this run",
         root,
         problem,
         tmp,

@@ -17,9 +17,9 @@ def blocker(tmp_path: Path) -> Path:
     return f
 
 
-def test_toy_root_is_under_a_usable_cache(tmp_path: Path) -> None:
+def test_toy_root_is_under_a_usable_cache_and_creates_nothing(tmp_path: Path) -> None:
     assert toy_root(tmp_path / "cache") == tmp_path / "cache" / "toy"
-    assert (tmp_path / "cache" / "toy").is_dir()
+    assert not (tmp_path / "cache").exists()  # real-model runs never build the toy
 
 
 def test_toy_root_falls_back_to_one_temporary_dir(blocker: Path) -> None:
@@ -36,4 +36,6 @@ def test_report_dir_problems_are_named(tmp_path: Path, blocker: Path) -> None:
     check_report_dir(tmp_path / "new" / "report")  # created, probe removed
     assert list((tmp_path / "new" / "report").iterdir()) == []
     assert dir_problem(blocker, create=False) == "not a directory"
-    assert dir_problem(tmp_path / "missing", create=False) == "does not exist"
+    assert dir_problem(tmp_path / "missing" / "deeper", create=False) is None
+    assert not (tmp_path / "missing").exists()
+    assert dir_problem(blocker / "sub" / "dir", create=False) == f"{blocker} is not a directory"
