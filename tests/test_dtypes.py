@@ -69,8 +69,8 @@ def test_cache_key_dtype_is_the_loaders_dtype_on_cuda(
 ) -> None:
     """The session keys activations by the dtype the loader will use, per checkpoint.
 
-    The old key said bfloat16 for every model on CUDA, also for the float32 toy family
-    that the loader... also ran in bf16: now both follow the checkpoint.
+    The old key (and the loader) said bfloat16 for every model on CUDA, the float32 toy
+    family included; both now follow the checkpoint's config, through one function.
     """
     f32 = make_qwen2(tmp_path / "f32", seed=0)
     bf16 = _bf16_config_copy(f32, tmp_path / "bf16")
