@@ -46,6 +46,7 @@ __all__ = [
     "JsonCache",
     "cache_key",
     "default_cache_dir",
+    "file_mode",
 ]
 
 #: Bump when what ``extract_activations`` returns changes meaning (keys every entry).
@@ -83,6 +84,24 @@ def cache_key(**parts: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def file_mode() -> int:
+    """0o666 less the process umask: the mode ``open()`` would give a new file.
+
+    Read from ``/proc/self/status`` where it exists (setting the umask to read it back
+    is not thread-safe), else by setting and restoring it.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def default_cache_dir() -> Path:
     """``$REASONDIFF_CACHE``, else ``$XDG_CACHE_HOME/reasondiff``, else ``~/.cache/reasondiff``."""
     if os.environ.get("REASONDIFF_CACHE"):
@@ -118,6 +137,11 @@ class _DiskCache:
         with contextlib.suppress(OSError):
             path.unlink()
 
+    def _unreadable(self, path: Path, exc: OSError) -> None:
+        """An entry this user may not read (another user's, older than the umask fix) is
+        not damaged: it is left in place, recomputed, and replaced by a readable one."""
+        log.warning("reasondiff cache: cannot read %s (%s); recomputing it", path, exc.strerror)
+
     @contextlib.contextmanager
     def _locked(self, path: Path) -> Iterator[bool]:
         """Hold ``<path>.lock``; yields False (and disables caching) if that is impossible."""
@@ -141,6 +165,10 @@ class _DiskCache:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             os.close(fd)
             write(tmp)
+            # mkstemp makes 0600 (and a writer may recreate the file): in a cache shared by
+            # several users, another user could not read the entry (and used to discard it
+            # as invalid). Respect the umask, as open() would.
+            os.chmod(tmp, file_mode())
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -227,6 +255,9 @@ class ActivationCache(_DiskCache):
         try:
             tensors = _read_validated(path, meta)
         except FileNotFoundError:
+            return None
+        except PermissionError as exc:
+            self._unreadable(path, exc)
             return None
         except CacheEntryError as exc:
             self._invalid(path, str(exc))
@@ -370,7 +401,7 @@ def _read_validated(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]
     try:
         size = path.stat().st_size
         expected = _expected_size(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
         raise
     except (OSError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise CacheEntryError(f"unreadable header: {exc!r}") from exc
@@ -380,7 +411,7 @@ def _read_validated(path: Path, meta: dict[str, str]) -> dict[str, torch.Tensor]
         with safe_open(str(path), framework="pt") as fh:
             stored = dict(fh.metadata() or {})
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
         raise
     except Exception as exc:  # safetensors raises its own SafetensorError type
         raise CacheEntryError(f"cannot read: {exc}") from exc
@@ -474,6 +505,9 @@ class JsonCache(_DiskCache):
         try:
             text = path.read_text("utf-8")
         except FileNotFoundError:
+            return False, None
+        except PermissionError as exc:
+            self._unreadable(path, exc)
             return False, None
         except (OSError, UnicodeDecodeError) as exc:
             self._invalid(path, f"unreadable: {exc}")

@@ -232,6 +232,7 @@ class Engine:
                 num_layers=num_layers,
             )
         )
+        result.notes.append(self._dtype_note(pair, base_dir, desc_dir))
         result.weights = self._weights(pair, base_dir, desc_dir)
         mates = [s for s in siblings if s.base.key == pair.base.key and s.pair_id != pair.pair_id]
         for src in self.sources():
@@ -289,7 +290,10 @@ class Engine:
 
     @property
     def toy_root(self) -> Path:
-        return self.config.cache_dir / "toy"
+        """``cache_dir/toy``, or a temporary dir when the cache cannot hold the toy family."""
+        from .diskcheck import toy_root
+
+        return toy_root(self.config.cache_dir)
 
     def fingerprint(self, path: Path) -> str:
         """Content fingerprint, memoized in-process and on disk (by path, size, mtime)."""
@@ -314,7 +318,22 @@ class Engine:
     def dtype_for(self, model_dir: Path) -> str:
         """The dtype activations of this checkpoint are computed in: one place for the
         cache key and the loader (``auto``: float32 on CPU, the checkpoint's own on CUDA)."""
-        return _resolve_dtype(self.config.dtype, self.device, model_dir)
+        from .dtypes import resolve_dtype
+
+        return resolve_dtype(self.config.dtype, self.device, read_config(model_dir, model_dir.name))
+
+    def _dtype_note(self, pair: PairSpec, base_dir: Path, desc_dir: Path) -> str:
+        """The report's word on the dtype this pair's activations were computed in."""
+        from .dtypes import dtype_note
+
+        return dtype_note(
+            self.dtype_for(base_dir),
+            self.dtype_for(desc_dir),
+            base=pair.base.key,
+            descendant=pair.descendant.key,
+            option=self.config.dtype,
+            device=self.device,
+        )
 
     def _model(self, spec: ModelSpec, path: Path) -> Any:
         """Load a model at most once (kept until its pair or pass is done)."""
@@ -411,6 +430,7 @@ class Engine:
     # ------------------------------------------------------------------ CKA entries
     def pair_key(self, pair: PairSpec, src: TraceSource) -> str:
         """Metric-cache key of one pair on one trace set (everything the rows depend on)."""
+        from .dtypes import pair_dtype_key
         from .traces import trace_set_hash
 
         c = self.config
@@ -421,7 +441,7 @@ class Engine:
             desc=self.fingerprint(desc_dir),
             traces=trace_set_hash(src.trace_set),
             max_tokens=str(c.max_tokens),
-            dtype=f"{self.dtype_for(base_dir)}/{self.dtype_for(desc_dir)}",
+            dtype=pair_dtype_key(self.dtype_for(base_dir), self.dtype_for(desc_dir)),
             k=str(c.dominant_k),
             version=METRICS_VERSION,
             **rbf_median_key(c.rbf_median),
@@ -747,16 +767,6 @@ def _cpu_count() -> int:
 
 def _num_layers(cfg: dict[str, Any]) -> int:
     return int(cfg.get("num_hidden_layers", cfg.get("n_layer", 0)))
-
-
-def _resolve_dtype(option: str, device: str, model_dir: Path) -> str:
-    if option != "auto":
-        return option
-    if not device.startswith("cuda"):
-        return "float32"
-    cfg = read_config(model_dir, model_dir.name)
-    own = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return str(own).removeprefix("torch.")
 
 
 def read_config(path: Path, name: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .dtypes import resolve_dtype
 from .errors import ArchitectureMismatch, ModelLoadError, ModelUnavailable
 from .fingerprint import fingerprint
 
@@ -37,7 +38,9 @@ __all__ = [
     "load_tokenizer",
     "pick_device",
     "read_config",
+    "resolve_dtype",
     "resolve_source",
+    "torch_dtype",
 ]
 
 #: What a hub snapshot needs: config, tokenizer, safetensors weights and their index.
@@ -336,14 +339,13 @@ def pick_device(device: str) -> str:
     return device
 
 
-def _pick_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a resolved dtype name (see :func:`resolve_dtype`)."""
     try:
-        return _DTYPES[dtype]
+        return _DTYPES[name]
     except KeyError:
         raise ModelLoadError(
-            f"unknown dtype {dtype!r} (expected auto, {', '.join(_DTYPES)})"
+            f"unknown dtype {name!r} (expected auto, {', '.join(_DTYPES)})"
         ) from None
 
 
@@ -359,8 +361,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a checkpoint in eval mode; causal LMs keep their LM head, others use AutoModel.
 
-    ``dtype="auto"`` is float32 on CPU (bf16 matmuls are ~40x slower there) and bfloat16
-    on CUDA. ``progress`` receives one status line; without it a rich spinner is shown
+    ``dtype="auto"`` is the checkpoint's config dtype on CUDA and float32 on CPU (bf16
+    matmuls are ~40x slower there): :func:`resolve_dtype`, the same function that keys the
+    activation cache. ``progress`` receives one status line; without it a rich spinner is shown
     on an interactive stderr outside xdist.
     """
     path = Path(path)
@@ -372,13 +375,13 @@ def load_model(
     if files.format == "safetensors":
         _check_safetensors_headers(files.files, who=who)
     dev = pick_device(device)
-    torch_dtype = _pick_dtype(dtype, dev)
+    dtype_obj = torch_dtype(resolve_dtype(dtype, dev, cfg_dict))
 
     import pickle
 
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    with _status(f"loading {name} ({dev}, {str(torch_dtype).removeprefix('torch.')})", progress):
+    with _status(f"loading {name} ({dev}, {str(dtype_obj).removeprefix('torch.')})", progress):
         try:
             config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         except (ValueError, KeyError, OSError) as exc:
@@ -390,7 +393,7 @@ def load_model(
             model: Any = auto_cls.from_pretrained(
                 path,
                 config=config,
-                dtype=torch_dtype,
+                dtype=dtype_obj,
                 trust_remote_code=trust_remote_code,
                 use_safetensors=files.format == "safetensors",
                 weights_only=True,
@@ -423,7 +426,7 @@ def load_model(
         hidden_size=hidden,
         vocab_size=vocab,
         device=dev,
-        dtype=torch_dtype,
+        dtype=dtype_obj,
         name=name,
         path=path,
     )

@@ -161,7 +161,7 @@ OPTIONS: tuple[_Opt, ...] = (
     _Opt(
         "--traces",
         "traces",
-        "primary trace set (JSONL); default: the group's traces (toy: set 'a')",
+        "primary trace set (JSONL, or toy); default: the group's traces, the toy set 'a' for toy models only",
         ini=True,
         metavar="PATH",
     ),
@@ -200,7 +200,7 @@ OPTIONS: tuple[_Opt, ...] = (
     _Opt(
         "--dtype",
         "dtype",
-        "auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)",
+        "auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype on CUDA, float32 on CPU)",
         "auto",
         ini=True,
         metavar="DTYPE",

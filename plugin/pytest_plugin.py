@@ -20,11 +20,14 @@ from typing import Any
 
 import pytest
 
+from .diskcheck import check_report_dir
 from .errors import ModelUnavailable, ReasondiffError
 from .options import DiffOptions, add_options, options_from_config
 from .records import CkaRecord, Curve, PairResult, Verdict, WeightRecord
 from .registry import PairSpec
 from .session import DiffSession, GroupSubject
+from .trace_choice import trace_specs
+from .warning_policy import relax_blanket_error
 from .xdist_support import (
     apply_loadgroup_on_worker,
     default_to_loadgroup,
@@ -48,6 +51,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_cmdline_main(config: pytest.Config) -> Generator[None, Any, Any]:
     # Before xdist turns "-n N without --dist" into --dist load: keep pairs together.
     default_to_loadgroup(config)
+    # Before any pytest_configure: another plugin's warning must not stop the run.
+    relax_blanket_error(config)
     return (yield)
 
 
@@ -75,6 +80,10 @@ def pytest_configure(config: pytest.Config) -> None:
         session = DiffSession.create(
             options, worker=worker_id(config), worker_count=worker_count(config), bundle=bundle
         )
+        if not options.from_results and not config.option.collectonly:
+            trace_specs(options, session.registry, session.pairs)  # real models need --traces
+        if options.report_dir and worker_id(config) is None and not config.option.collectonly:
+            check_report_dir(Path(options.report_dir))  # not a traceback after all the work
     except ReasondiffError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = session
@@ -333,8 +342,11 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 
 def _write_outputs(ds: DiffSession, out_dir: Path) -> None:
     from .bundle import write_bundle
+    from .dtypes import dtypes_from_notes
 
-    write_bundle(out_dir, ds.ordered_results(), ds.ordered_verdicts(), config=ds.options.to_dict())
+    config = ds.options.to_dict()
+    config["dtype_resolved"] = dtypes_from_notes(n for r in ds.ordered_results() for n in r.notes)
+    write_bundle(out_dir, ds.ordered_results(), ds.ordered_verdicts(), config=config)
     ds.notes.append(f"results bundle written to {out_dir}")
     try:
         from reasondiff.reports import write_figures, write_index

@@ -230,28 +230,14 @@ class DiffSession:
     def _trace_paths(self) -> list[Path]:
         """The primary trace set (and the alternative one) for this run."""
         from .engine import resolve_trace_path
+        from .trace_choice import trace_specs
 
-        o = self.options
-        group_traces = None
-        if not o.adhoc and o.model_group in self.registry.groups:
-            group_traces = self.registry.groups[o.model_group].traces
-        primary_spec = o.traces or group_traces or "toy"
-        if not o.traces and not group_traces:
-            what = "the ad-hoc pair" if o.adhoc else f"group {o.model_group!r}"
-            self._note(
-                f"{what} names no trace set: using the toy traces (re-tokenized per model); "
-                "pass --traces PATH for the study's reasoning traces"
-            )
+        primary_spec, alt_spec = trace_specs(self.options, self.registry, self.pairs)
         toy_root = self.engine.toy_root
         paths = [resolve_trace_path(primary_spec, toy_root, "a")]
-        alt_spec = o.traces_alt or ("toy" if primary_spec == "toy" else None)
         if alt_spec is not None:
             paths.append(resolve_trace_path(alt_spec, toy_root, "b"))
         return paths
-
-    def _note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
 
     # ------------------------------------------------------------------ xdist merge / report
     def merge(

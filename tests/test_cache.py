@@ -374,3 +374,55 @@ def test_json_cache_get_peeks_without_computing(tmp_path: Path) -> None:
     j.get_or_compute(key, lambda: {"a": [1, 2]})
     assert JsonCache(tmp_path, "m").get(key) == {"a": [1, 2]}
     assert j.stats.computed == 1
+
+
+# ---------------------------------------------------------------- shared use (issue 11.6)
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077], ids=["022", "002", "077"])
+def test_entries_respect_the_umask(tmp_path: Path, mask: int) -> None:
+    """A cache shared by several users: entries get 0o666 less the umask, not 0o600."""
+    import stat
+
+    key = cache_key(model="m", trace="t")
+    old = os.umask(mask)
+    try:
+        assert cache_mod.file_mode() == 0o666 & ~mask
+        act = ActivationCache(tmp_path, cap_bytes=None)
+        act.get_or_compute(key, META, Counter())
+        js = JsonCache(tmp_path, "metrics")
+        js.get_or_compute(key, lambda: {"x": 1})
+    finally:
+        os.umask(old)
+    for path in (act.entry_path(key), js.entry_path(key)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+
+
+def test_an_entry_this_user_cannot_read_is_recomputed_not_discarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another user's unreadable entry is no damage: never logged as invalid nor deleted
+    before a readable replacement is in place (tests run as root, so EACCES is injected)."""
+    key = cache_key(model="m", trace="t")
+    ActivationCache(tmp_path, cap_bytes=None).get_or_compute(key, META, Counter())
+    JsonCache(tmp_path, "metrics").get_or_compute(key, lambda: {"x": 1})
+
+    def denied(*args: object, **kwargs: object) -> object:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    act = ActivationCache(tmp_path, cap_bytes=None)
+    js = JsonCache(tmp_path, "metrics")
+    removed: list[str] = []
+    real_unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda p, *a, **k: removed.append(str(p)))
+    with monkeypatch.context() as mp:
+        mp.setattr(cache_mod, "_expected_size", denied)
+        compute = Counter()
+        _assert_same(act.get_or_compute(key, META, compute), _tensors(0))
+        mp.setattr(Path, "read_text", denied)
+        assert js.get_or_compute(key, lambda: {"x": 1}) == {"x": 1}
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert compute.calls == 1 and act.stats.computed == 1 and js.stats.computed == 1
+    assert act.stats.invalid_entries == [] and js.stats.invalid_entries == []
+    assert removed == []
+    assert act.disabled is False and js.disabled is False
+    # the replacement is a valid, readable entry
+    assert JsonCache(tmp_path, "metrics").get(key) == {"x": 1}

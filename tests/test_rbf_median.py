@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reasondiff.metrics import rbf_cka
 from reasondiff.metric_store import rbf_median_key
+from reasondiff.metrics import rbf_cka
 from reasondiff.options import DiffOptions, rbf_median_note
 from reasondiff.traces import Trace, TraceSet
 

@@ -76,6 +76,14 @@ def _registry(tmp_path: Path, text: str | bytes) -> Path:
             lambda tmp: ["--device", "tpu"],
             ["--device 'tpu' is not one of: auto, cpu, cuda"],
         ),
+        (  # real models never fall back to the toy traces silently (issue 11.5)
+            lambda tmp: ["--model-group", "distill7b"],
+            ["group 'distill7b' compares real models", "reasondiff-traces", "--traces toy"],
+        ),
+        (
+            lambda tmp: ["--base", str(tmp / "base"), "--candidate", "toy:copy"],
+            ["the ad-hoc pair compares real models", "reasondiff-traces", "--traces"],
+        ),
     ],
     ids=[
         "unknown-group",
@@ -86,6 +94,8 @@ def _registry(tmp_path: Path, text: str | bytes) -> Path:
         "binary-registry-file",
         "candidate-without-base",
         "unknown-device",
+        "real-group-without-traces",
+        "real-adhoc-pair-without-traces",
     ],
 )
 def test_bad_option_is_a_usage_error(
@@ -98,7 +108,9 @@ def test_missing_candidate_path_is_named_without_traceback(
     run_pytest: Any, tmp_path: Path, tiny_qwen: Path
 ) -> None:
     missing = tmp_path / "no" / "such-checkpoint"
-    result = run_pytest("--base", str(tiny_qwen), "--candidate", str(missing), timeout=180)
+    result = run_pytest(
+        "--base", str(tiny_qwen), "--candidate", str(missing), "--traces", "toy", timeout=180
+    )  # fmt: skip
     text = "\n".join(result.outlines + result.errlines)
     assert result.ret in (1, USAGE_ERROR), text[-3000:]
     assert "Traceback (most recent call last)" not in text and "INTERNALERROR" not in text

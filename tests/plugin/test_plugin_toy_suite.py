@@ -265,7 +265,14 @@ def test_real_model_group_without_weights_is_skipped(
     project: Path, shared_diff_cache: Path
 ) -> None:
     run = run_suite(
-        project, shared_diff_cache, "--model-group", "distill1.5b", "-k", "not test_curves"
+        project,
+        shared_diff_cache,
+        "--model-group",
+        "distill1.5b",
+        "--traces",
+        "toy",
+        "-k",
+        "not test_curves",
     )
     assert run.ret == 0, run.output[-3000:]
     outcomes = {o for o, _ in run.outcomes.values()}
@@ -278,6 +285,8 @@ def test_real_model_group_without_weights_is_skipped(
         shared_diff_cache,
         "--model-group",
         "distill1.5b",
+        "--traces",
+        "toy",
         "-k",
         "bathtub and not dominant",
         "--require-models",
