@@ -53,6 +53,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .diskcheck import file_mode
 from .errors import BundleError, RegistryError
 from .records import CkaRecord, MassiveRecord, PairInfo, PairResult, Verdict, WeightRecord
 from .registry import slug
@@ -143,13 +144,6 @@ class Bundle:
 
 
 # --------------------------------------------------------------------------- writing
-def _file_mode() -> int:
-    """0o666 less the process umask: what ``open()`` would have created."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never half.
 
@@ -164,7 +158,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())  # mkstemp makes 0600; results are for others to read
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; results are for others to read
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

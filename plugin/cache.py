@@ -37,6 +37,7 @@ from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .diskcheck import file_mode
 from .errors import CacheEntryError
 
 __all__ = [
@@ -82,24 +83,6 @@ def cache_key(**parts: str) -> str:
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def file_mode() -> int:
-    """0o666 less the process umask: the mode ``open()`` would give a new file.
-
-    Read from ``/proc/self/status`` where it exists (setting the umask to read it back
-    is not thread-safe), else by setting and restoring it.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def default_cache_dir() -> Path:

@@ -100,3 +100,21 @@ def _family_built(root: Path) -> bool:
         traces = all((version / f"traces-{w}.jsonl").is_file() for w in ("a", "b"))
         return recipes and traces
     return False
+
+
+def file_mode() -> int:
+    """0o666 less the process umask: the mode ``open()`` would give a new file.
+
+    Read from ``/proc/self/status`` where it exists (setting the umask to read it back
+    is not thread-safe), else by setting and restoring it.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask

@@ -22,6 +22,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .diskcheck import file_mode
 from .errors import ModelLoadError
 
 #: Files whose content defines a checkpoint's behaviour for this suite.
@@ -142,6 +143,7 @@ def _write_memo(memo_dir: Path, memo: dict[str, str] | None) -> None:
         fd, tmp_name = tempfile.mkstemp(prefix=".fp-", dir=memo_dir)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(memo, fh, sort_keys=True)
+        os.chmod(tmp_name, file_mode())  # shared caches: other users read the memo
         os.replace(tmp_name, memo_dir / _MEMO_FILE)
         tmp_name = None
     except OSError:

@@ -209,11 +209,13 @@ def resolve_device(name: str) -> str:
 
 
 def resolve_dtype(name: str, device: str) -> Any:
-    """``auto`` -> bfloat16 on GPU, float32 on CPU (bf16 matmuls are slow on CPU)."""
+    """``auto``: the checkpoint's own dtype on GPU (transformers' ``dtype="auto"``, as
+    :func:`reasondiff.dtypes.resolve_dtype` for the suite), float32 on CPU (bf16 matmuls
+    are ~40x slower there)."""
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return "auto" if device.startswith("cuda") else torch.float32
     return getattr(torch, name)
 
 

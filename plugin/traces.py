@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .diskcheck import file_mode
 from .errors import TokenizerMismatch, TraceError
 
 HEADER_KEY = "reasondiff_traces"
@@ -222,6 +223,7 @@ def save_trace_set(path: str | os.PathLike[str], trace_set: TraceSet) -> None:
             for t in trace_set.traces:
                 row = {"id": t.id, "text": t.text, "token_ids": list(t.token_ids)}
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; a shared cache's users read it
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -442,5 +442,5 @@ def _check_finite(t: _Tensor, limit: int, chunk: int) -> None:
     if bad:
         layer, _ = parse_tensor_name(t.name)
         raise NonFiniteError(
-            f"model {t.source.name!r}: {bad} NaN/Inf values in weight {t.name} (layer {layer})"
+            f"model {t.source.name!r}: {bad} NaN/Inf values in weight {t.name} (block {layer})"
         )

@@ -288,7 +288,7 @@ def test_localization_thresholds_each_decide() -> None:
 def test_localization_edge_cases() -> None:
     none = localization([0.0, 0.0, 0.0])
     assert none.distributed is None and none.summary.startswith("no weight change")
-    with pytest.raises(MetricInputError, match="layer 1 is negative"):
+    with pytest.raises(MetricInputError, match="block 1 is negative"):
         localization([1.0, -0.5])
     with pytest.raises(MetricInputError, match="layer 2"):
         localization([1.0, 1.0, math.nan])

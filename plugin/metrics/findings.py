@@ -509,7 +509,7 @@ def localization(
     if neg.size:
         i = int(neg[0])
         raise MetricInputError(
-            f"per-layer weight-change totals: layer {i} is negative ({t[i]!r}); "
+            f"per-block weight-change totals: block {i} is negative ({t[i]!r}); "
             "normalized differences are >= 0"
         )
     total = float(t.sum())
@@ -525,7 +525,7 @@ def localization(
             total=0.0,
             max_gini=max_gini,
             max_share_ratio_limit=max_share_ratio,
-            summary=f"no weight change: every one of {n} layer total(s) is 0",
+            summary=f"no weight change: every one of {n} block total(s) is 0",
         )
     shares = t / total
     gini = _gini(t)
@@ -535,7 +535,7 @@ def localization(
     verdict = "distributed" if distributed else "localized"
     summary = (
         f"weight change {verdict}: Gini {gini:.3f} ({'<=' if gini <= max_gini else '>'} "
-        f"{max_gini:g}) over {n} layers; largest share {shares[k]:.1%} at layer {k} = "
+        f"{max_gini:g}) over {n} decoder blocks; largest share {shares[k]:.1%} at block {k} = "
         f"{ratio:.2f}x uniform ({'<=' if ratio <= max_share_ratio else '>'} {max_share_ratio:g}x)"
     )
     return LocalizationResult(

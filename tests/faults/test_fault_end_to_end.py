@@ -183,7 +183,7 @@ def test_nan_weight_in_candidate_fails_every_pair_test_naming_it(
     failures = [ln for ln in result.outlines if ln.startswith(("FAILED", "ERROR"))]
     assert failures and all("NonFiniteError" in ln for ln in failures), failures
     # each error section carries the whole message: model, tensor and its layer
-    message = f"NonFiniteError: model 'nan-cand': 1 NaN/Inf values in weight {tensor} (layer 3)"
+    message = f"NonFiniteError: model 'nan-cand': 1 NaN/Inf values in weight {tensor} (block 3)"
     assert "\n".join(result.outlines).count(message) >= len(failures)
 
 
