@@ -77,10 +77,10 @@ def test_cache_key_dtype_is_the_loaders_dtype_on_cuda(
     monkeypatch.setattr(models, "pick_device", lambda device: "cuda:0")
     opts = DiffOptions(base=str(f32), candidate=str(bf16), diff_cache=str(tmp_path / "c"))
     session = DiffSession.create(opts)
-    assert session._dtype_name(f32) == "float32"
-    assert session._dtype_name(bf16) == "bfloat16"
+    assert session.engine.dtype_for(f32) == "float32"
+    assert session.engine.dtype_for(bf16) == "bfloat16"
     pair = session.pairs[0]
-    note = session._dtype_note(pair, f32, bf16)
+    note = session.engine._dtype_note(pair, f32, bf16)
     assert "float32 (base" in note and "bfloat16 (descendant" in note and "on cuda" in note
     assert dtypes_from_notes([note]) == {"activations": ["bfloat16", "float32"], "device": "cuda"}
     assert pair_dtype_key("float32", "bfloat16") == "float32,bfloat16"

@@ -268,7 +268,7 @@ def test_localization_uniform_and_concentrated() -> None:
     assert one.distributed is False
     assert one.gini == pytest.approx(7 / 8) and one.max_share_ratio == pytest.approx(8.0)
     assert one.max_layer == 2 and one.max_share == pytest.approx(1.0)
-    assert "localized" in one.summary and "layer 2" in one.summary
+    assert "localized" in one.summary and "block 2" in one.summary
 
 
 def test_localization_gini_matches_reference() -> None:

@@ -22,19 +22,19 @@ def _reps(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_score_layer_uses_the_convention() -> None:
-    from reasondiff.session import _score_layer
+    from reasondiff.metrics.layer import score_pair_layer
 
     x, y = _reps(0)
     names = ("base layer 1, trace t", "desc layer 1, trace t")
     scores = {
-        conv: _score_layer(x, y, k=2, names=names, rbf_median=conv)["metrics"]
+        conv: score_pair_layer(x, y, k=2, names=names, rbf_median=conv)["metrics"]  # type: ignore[arg-type]
         for conv in ("offdiag", "all")
     }
     for conv, metrics in scores.items():
         assert metrics["rbf"] == pytest.approx(rbf_cka(x, y, median=conv), abs=1e-12)
     assert scores["all"]["rbf"] != pytest.approx(scores["offdiag"]["rbf"], abs=1e-6)
     assert scores["all"]["linear"] == scores["offdiag"]["linear"]  # only RBF depends on it
-    default = _score_layer(x, y, k=2, names=names)["metrics"]["rbf"]
+    default = score_pair_layer(x, y, k=2, names=names)["metrics"]["rbf"]
     assert default == scores["offdiag"]["rbf"]
 
 
@@ -51,39 +51,22 @@ def test_cache_key_part_and_report_note() -> None:
     assert DiffOptions(rbf_median="all").to_dict()["rbf_median"] == "all"
 
 
-class _Stop(Exception):
-    pass
-
-
 def test_pair_metric_key_differs_by_convention(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from reasondiff import session as sess
+    from reasondiff.engine import Engine, EngineConfig, TraceSource
 
-    keys: dict[str, str] = {}
-    real_key = sess._key
+    src = TraceSource("a", tmp_path / "a.jsonl", TraceSet("a", (Trace("t", "abcd", (1, 2, 3, 4)),)))
+    opts = DiffOptions(base="toy:base", candidate="toy:copy", diff_cache=str(tmp_path))
+    from reasondiff.registry import adhoc_pair
 
-    def spy(**parts: str) -> str:
-        key = real_key(**parts)
-        if parts.get("kind") == "pair":
-            keys[parts.get("rbf_median", "offdiag")] = key
-        return key
-
-    monkeypatch.setattr(sess, "_key", spy)
-    src = sess._TraceSource(
-        "a", tmp_path / "a.jsonl", TraceSet("a", (Trace("t", "abcd", (1, 2, 3, 4)),))
-    )
+    pair = adhoc_pair("toy:base", "toy:copy")
+    keys = {}
     for conv in ("offdiag", "all"):
-        opts = DiffOptions(
-            base="toy:base", candidate="toy:copy", diff_cache=str(tmp_path), rbf_median=conv
-        )
-        s = sess.DiffSession.create(opts)
-        monkeypatch.setattr(s, "_fingerprint", lambda path: "fingerprint")
-
-        def stop(*args: object) -> None:
-            raise _Stop
-
-        monkeypatch.setattr(s, "_cached_entries", stop)
-        with pytest.raises(_Stop):
-            s._pair_traces(s.pairs[0], src, tmp_path, tmp_path, [0, 1], 1, None)  # type: ignore[arg-type]
-    assert set(keys) == {"offdiag", "all"} and keys["offdiag"] != keys["all"]
+        config = EngineConfig.from_options(opts)
+        engine = Engine(EngineConfig(**{**config.__dict__, "rbf_median": conv}), trace_paths=[])
+        monkeypatch.setattr(engine, "fingerprint", lambda path: "fingerprint")
+        monkeypatch.setattr(engine, "_resolve", lambda spec: tmp_path)
+        monkeypatch.setattr(engine, "dtype_for", lambda path: "float32")
+        keys[conv] = engine.pair_key(pair, src)
+    assert keys["offdiag"] != keys["all"]

@@ -196,7 +196,7 @@ def test_nan_weight_is_named(base: Path, tmp_path: Path) -> None:
     w[3, 4] = float("inf")
     edit_tensors(desc, {name: w})
     with pytest.raises(
-        NonFiniteError, match=r"'desc': 1 NaN/Inf values in weight .*o_proj.* \(layer 1\)"
+        NonFiniteError, match=r"'desc': 1 NaN/Inf values in weight .*o_proj.* \(block 1\)"
     ):
         _diff(base, desc)
 
