@@ -147,6 +147,34 @@ def projected_minutes(run: Run, k: int, layers: int, traces: int) -> float:
     return (evals * per_eval + forwards * per_forward) / 60.0
 
 
+def forward_seconds(shape: Shape, tokens: int, device: str, repeats: int = 3) -> float:
+    """Median seconds of one forward with all hidden states, random init on the device.
+
+    No checkpoint is written (a 7B one is 15 GB): the model is initialised directly on
+    the device in the dtype a study checkpoint has (bf16 on CUDA, float32 on CPU).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from benchmarks.harness import time_calls
+    from reasondiff.activations import extract_activations
+
+    dev = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    config = AutoConfig.for_model(**shape.config())
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    ids = [int(i) % shape.vocab for i in range(tokens)]
+
+    def once() -> None:
+        extract_activations(model, ids, on_device=True)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    t = time_calls(once, repeats=repeats, warmup=1)
+    return t.median
+
+
 def peer_ratio(shape: Shape, tokens: int, device: str, ours_ms: float) -> Result | None:
     """Our per-layer analysis vs ckatorch's linear + RBF CKA on the same data, if installed."""
     try:
@@ -188,6 +216,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-pytest", action="store_true", help="skip the pytest diffs run")
+    parser.add_argument(
+        "--forward-7b",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time one Qwen2.5-7B-shaped forward (default: on with a GPU, off otherwise)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="work dir (default: a temp dir)")
     args = parser.parse_args(argv)
     shape = TINY if args.tiny else {"1.5b": R1_DISTILL_1_5B, "7b": QWEN2_5_7B}[args.shape]
@@ -224,6 +258,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 30.0,
             ),
         ]
+    import torch
+
+    want_7b = args.forward_7b if args.forward_7b is not None else torch.cuda.is_available()
+    if want_7b or args.tiny:
+        fshape = QWEN2_5_7B if want_7b and not args.tiny else TINY
+        secs = forward_seconds(fshape, tokens, args.device)
+        print(f"one forward with all hidden states, {fshape.name}, {tokens} tokens: {secs:.3f} s")
     peer = peer_ratio(shape, tokens, args.device, metrics_ms(runs[0], k, layers, traces))
     if peer is not None:
         results.append(peer)

@@ -22,7 +22,12 @@ def test_tiny_study_runs_both_ways_with_k_plus_one_forwards_and_no_activations(
         cache = tmp_path / f"cache-{how}"
         assert list(cache.rglob("*.json")), "metric results are cached"
         assert not list(cache.rglob("*.safetensors")), "a default run writes no activations"
-    for line in ("gpu_study_compare_metrics_ms: ratio=", "forwards/trace", "bytes written"):
+    for line in (
+        "gpu_study_compare_metrics_ms: ratio=",
+        "forwards/trace",
+        "bytes written",
+        "one forward with all hidden states",
+    ):
         assert line in out
 
 
