@@ -264,16 +264,8 @@ def test_every_finding_test_fails_on_inverted_expectations(
 def test_real_model_group_without_weights_is_skipped(
     project: Path, shared_diff_cache: Path
 ) -> None:
-    run = run_suite(
-        project,
-        shared_diff_cache,
-        "--model-group",
-        "distill1.5b",
-        "--traces",
-        "toy",
-        "-k",
-        "not test_curves",
-    )
+    group = ("--model-group", "distill1.5b", "--traces", "toy")
+    run = run_suite(project, shared_diff_cache, *group, "-k", "not test_curves")
     assert run.ret == 0, run.output[-3000:]
     outcomes = {o for o, _ in run.outcomes.values()}
     assert outcomes == {"skipped"}
@@ -281,15 +273,7 @@ def test_real_model_group_without_weights_is_skipped(
     assert "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B" in reasons
 
     strict = run_suite(
-        project,
-        shared_diff_cache,
-        "--model-group",
-        "distill1.5b",
-        "--traces",
-        "toy",
-        "-k",
-        "bathtub and not dominant",
-        "--require-models",
+        project, shared_diff_cache, *group, "-k", "bathtub and not dominant", "--require-models"
     )
     assert strict.ret == pytest.ExitCode.TESTS_FAILED
     assert strict.outcomes and all(o == "error" for o, _ in strict.outcomes.values())
