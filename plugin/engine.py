@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from .traces import Trace, TraceSet
 
 #: Bump when the rows computed per (pair, trace, layer) change meaning: it keys the cache.
-METRICS_VERSION = "1"
+METRICS_VERSION = "2"  # 2: stored token ids authoritative (results of re-tokenized sets differ)
 #: Bump when the weight-diff records change meaning.
 WEIGHTS_VERSION = "2"  # 2: float32 block sums accumulated in float64
 
