@@ -100,7 +100,10 @@ def compare_with_engine(
         ]
 
     engine = Engine(engine_config, trace_paths=paths)
-    return [engine.pair_result(p, pairs) for p in pairs], engine
+    try:
+        return [engine.pair_result(p, pairs) for p in pairs], engine
+    finally:
+        engine.release_models()  # a notebook keeps the engine; not the GPU memory
 
 
 def _spec(reg: Any, ref: str, *, base: str | None = None, method: str | None = None) -> ModelSpec:
