@@ -82,6 +82,9 @@ class EngineConfig:
     torch_threads: int | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    #: Descendants scored in one pass at most (None: as many as fit in memory, see
+    #: :meth:`Engine.memory_budget`); each is resident on the device during the pass.
+    pass_size: int | None = None
 
     @classmethod
     def from_options(cls, options: Any) -> EngineConfig:
@@ -99,6 +102,7 @@ class EngineConfig:
             torch_threads=options.torch_threads,
             trust_remote_code=options.trust_remote_code,
             allow_pickle=options.allow_pickle,
+            pass_size=options.pass_size,
         )
 
 
@@ -491,6 +495,12 @@ class Engine:
     ) -> list[tuple[_Job, Any]]:
         """Lock the requested pair and up to ceil(k / workers) - 1 uncomputed siblings."""
         share = max(1, math.ceil((len(mates) + 1) / max(1, self.worker_count or 1)))
+        if self.config.pass_size is not None:
+            share = min(share, self.config.pass_size)
+        budget = self.memory_budget()
+        resident = (
+            0 if pair.base.key in self._models else self.model_bytes(self._resolve(pair.base))
+        )
         claimed: list[tuple[_Job, Any]] = []
         for p in [pair, *mates]:
             if len(claimed) >= share:
@@ -512,8 +522,40 @@ class Engine:
             if self._known_entries(key, layers) is not None:
                 release(lock)
                 continue
+            size = self.model_bytes(desc_dir)
+            if claimed and budget is not None and resident + size > budget:
+                release(lock)  # would not fit beside the others: a later pass takes it
+                break
+            resident += size
             claimed.append((_Job(pair=p, key=key, desc_dir=desc_dir), lock))
         return claimed
+
+    def model_bytes(self, path: Path) -> int:
+        """Memory a checkpoint takes once loaded: its weight files, rescaled from the dtype
+        it is stored in to the dtype it runs in (an estimate; buffers are small)."""
+        from .dtypes import checkpoint_dtype
+
+        files = [p for p in path.glob("*.safetensors")] or list(path.glob("pytorch_model*.bin"))
+        stored = sum(p.stat().st_size for p in files)
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}
+        src = checkpoint_dtype(read_config(path, path.name)) or "float32"
+        return int(stored * itemsize.get(self.dtype_for(path), 4) / itemsize.get(src, 4))
+
+    def memory_budget(self) -> int | None:
+        """Bytes of models a pass may add: 80% of the free device memory (CUDA) or of the
+        available host memory (CPU), which loaded models are already out of; the other
+        20% is for one trace's hidden states and the metric scratch. None when it cannot
+        be read (then no limit)."""
+        try:
+            if self.device.startswith("cuda"):
+                import torch
+
+                free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+                return int(0.8 * free)
+            pages = os.sysconf("SC_AVPHYS_PAGES")
+            return int(0.8 * pages * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, RuntimeError, AttributeError):
+            return None
 
     def _known_entries(self, key: str, layers: list[int]) -> tuple[dict[str, Any], Entries] | None:
         """(manifest, entries[trace][layer]) from this process or the cache, else None."""

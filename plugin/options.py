@@ -190,6 +190,16 @@ OPTIONS: tuple[_Opt, ...] = (
         metavar="LIST",
     ),
     _Opt(
+        "--pass-size",
+        "pass_size",
+        "descendants scored together (resident beside the base) in one pass, at most "
+        "(default: as many as fit in 80% of the free device memory)",
+        None,
+        _pos_int,
+        ini=True,
+        metavar="N",
+    ),
+    _Opt(
         "--device",
         "device",
         "auto | cpu | cuda (auto: cuda if available)",
@@ -441,6 +451,7 @@ class DiffOptions:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     keep_activations: bool = False
+    pass_size: int | None = None
     model_group_given: bool = field(default=False, compare=False)
 
     @property

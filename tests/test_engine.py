@@ -330,3 +330,35 @@ def test_fingerprints_are_hashed_once_across_processes(
     monkeypatch.setattr(fingerprint, "_MEMO", {})
     assert _engine(tmp_path).fingerprint(path) == first
     assert hashed == ["config.json"]
+
+
+@pytest.mark.slow
+def test_a_pass_takes_only_the_descendants_that_fit_in_memory(
+    fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for the base and one descendant, each pass scores one: k passes."""
+    _, pairs = _specs(["massive", "sft-a"])
+    engine = _engine(fresh_cache)
+    one_model = engine.model_bytes(ensure_toy_model(fresh_cache / "toy", "base"))
+    assert one_model > 0
+    monkeypatch.setattr(engine, "memory_budget", lambda: int(2.5 * one_model))
+    engine.pair_result(pairs[0], pairs)
+    traces = len(engine.sources()[0].trace_set.traces)
+    assert engine.forwards == traces * 2  # base + the requested pair only
+    engine.pair_result(pairs[1], pairs)
+    assert engine.forwards == traces * 4  # a second pass for the other descendant
+
+
+def test_pass_size_caps_the_claim(fresh_cache: Path) -> None:
+    from reasondiff.engine import resolve_trace_path
+
+    _, pairs = _specs(["massive", "sft-a", "rl-a"])
+    config = EngineConfig(cache_dir=fresh_cache, layers=(0, 5), pass_size=1)
+    engine = Engine(config, trace_paths=[resolve_trace_path("toy", fresh_cache / "toy", "a")])
+    src = engine.sources()[0]
+    claimed = engine._claim(pairs[0], pairs[1:], src, [0, 5, 10])
+    try:
+        assert [job.pair.pair_id for job, _ in claimed] == [pairs[0].pair_id]
+    finally:
+        for _, lock in claimed:
+            lock.release()
