@@ -193,7 +193,7 @@ OPTIONS: tuple[_Opt, ...] = (
         "--pass-size",
         "pass_size",
         "descendants scored together (resident beside the base) in one pass, at most "
-        "(default: as many as fit in 80% of the free device memory)",
+        "(default: as many as fit in 80%% of the free device memory)",
         None,
         _pos_int,
         ini=True,
@@ -408,7 +408,9 @@ def add_options(parser: pytest.Parser) -> None:
             kwargs["action"] = "append"
         group.addoption(opt.flag, **kwargs)
         if opt.ini:
-            parser.addini(opt.dest, f"reasondiff: {opt.help}", type="string", default="")
+            # argparse %-formats option help (hence "%%"); ini help is printed as it is
+            ini_help = opt.help.replace("%%", "%")
+            parser.addini(opt.dest, f"reasondiff: {ini_help}", type="string", default="")
     for flag, dest, text in _FLAGS:
         group.addoption(flag, dest=f"rd_{dest}", action="store_true", default=False, help=text)
 

@@ -103,8 +103,10 @@ def test_help_documents_options_and_defaults(pytester: pytest.Pytester) -> None:
         "(default offdiag)",
         "curve snapshots: absolute tolerance per layer (default 0.02)",
         "diff_cache (string)",
+        "--pass-size",
     ):
         assert text in out, text
+    assert "%%" not in out  # argparse's escape must not leak into the ini help
 
 
 def test_pairs_parametrize_in_a_stable_order_with_group_tests_last(
