@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from .engine import Engine, EngineConfig, resolve_trace_path
+from .errors import RegistryError
 from .records import PairResult
-from .registry import ModelSpec, PairSpec
+from .registry import METHODS, ModelSpec, PairSpec, Registry, key_from_source
 
 
 def compare(
@@ -76,7 +77,6 @@ def compare_with_engine(
 ) -> tuple[list[PairResult], Engine]:
     """:func:`compare`, also returning the engine (stage times, forwards, cache counts)."""
     from .cache import default_cache_dir
-    from .registry import Registry
 
     reg = Registry.load([str(p) for p in registry])
     base_spec = _spec(reg, base)
@@ -106,13 +106,15 @@ def compare_with_engine(
         engine.release_models()  # a notebook keeps the engine; not the GPU memory
 
 
-def _spec(reg: Any, ref: str, *, base: str | None = None, method: str | None = None) -> ModelSpec:
+def _spec(
+    reg: Registry, ref: str, *, base: str | None = None, method: str | None = None
+) -> ModelSpec:
+    """A registry model by key or source, else an ad-hoc one keyed as --base/--candidate are."""
     if ref in reg.models:
-        return reg.models[ref]  # type: ignore[no-any-return]
+        return reg.models[ref]
     found = reg.find_by_source(ref)
     if found is not None:
-        return found  # type: ignore[no-any-return]
-    from .registry import adhoc_pair
-
-    pair = adhoc_pair(ref, ref, method=method)
-    return ModelSpec(key=pair.base.key, source=ref, base=base, method=method)
+        return found
+    if method is not None and method not in METHODS:
+        raise RegistryError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    return ModelSpec(key=key_from_source(ref), source=ref, base=base, method=method)

@@ -661,7 +661,7 @@ class Engine:
         have = {lay: peek(cache, layer_key(job.key, trace.id, lay)) for lay in layers}
         if any(e is None for e in have.values()):
             return True
-        job.entries[trace.id] = {lay: e for lay, e in have.items() if e is not None}
+        job.entries[trace.id] = have
         self.stats.metrics_loaded += len(have)
         return False
 

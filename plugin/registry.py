@@ -196,12 +196,12 @@ def adhoc_pair(
     """A pair from --base/--candidate: no expectations, so verdicts are only reported."""
     if method is not None and method not in METHODS:
         raise RegistryError(f"--method {method!r} is not one of {', '.join(METHODS)}")
-    b = ModelSpec(key=_key_from_source(base), source=base)
-    d = ModelSpec(key=_key_from_source(candidate), source=candidate, base=b.key, method=method)
+    b = ModelSpec(key=key_from_source(base), source=base)
+    d = ModelSpec(key=key_from_source(candidate), source=candidate, base=b.key, method=method)
     return PairSpec(base=b, descendant=d, group=None, label=label)
 
 
-def _key_from_source(source: str) -> str:
+def key_from_source(source: str) -> str:
     return slug(source.rstrip("/").split("/")[-1].split("@")[0]) if source else slug(source)
 
 
