@@ -55,7 +55,15 @@ from typing import Any, TypeVar
 
 from .diskcheck import file_mode
 from .errors import BundleError, RegistryError
-from .records import CkaRecord, MassiveRecord, PairInfo, PairResult, Verdict, WeightRecord
+from .records import (
+    CkaRecord,
+    MassiveRecord,
+    PairInfo,
+    PairResult,
+    Verdict,
+    WeightRecord,
+    trace_sets_of,
+)
 from .registry import slug
 from .tensor_names import parse_tensor_name
 
@@ -444,7 +452,7 @@ def _infer_num_layers(res: PairResult) -> int:
 
 def _trace_sets(res: PairResult) -> list[str]:
     """Trace-set names of the pair's CKA rows (``<set>:<id>``), in first-seen order."""
-    return list(dict.fromkeys(c.trace.partition(":")[0] for c in res.cka))
+    return trace_sets_of(c.trace for c in res.cka)
 
 
 def read_bundle(path: str | os.PathLike[str]) -> Bundle:

@@ -48,10 +48,8 @@ from .metric_store import (
     release,
     rows_from_entry,
     try_lock,
-    weight_from_row,
-    weight_to_row,
 )
-from .records import CacheStats, PairInfo, PairResult, WeightRecord
+from .records import CacheStats, PairInfo, PairResult, WeightRecord, weight_from_row, weight_to_row
 from .registry import ModelSpec, PairSpec, slug
 
 if TYPE_CHECKING:

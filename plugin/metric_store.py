@@ -8,15 +8,13 @@ entries and the records a :class:`~reasondiff.records.PairResult` holds. No torc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from .metrics.defaults import RBF_MEDIAN
-from .records import CkaRecord, MassiveRecord, PairResult, WeightRecord
+from .records import CkaRecord, MassiveRecord, PairResult
 from .registry import PairSpec
 
 
@@ -106,40 +104,6 @@ def rows_from_entry(
         result.massive.append(
             MassiveRecord(model, trace, layer, tuple(int(p) for p in positions), float(max_abs))
         )
-
-
-def weight_to_row(r: WeightRecord) -> list[Any]:
-    d = asdict(r)
-    return [
-        d["tensor"],
-        d["layer"],
-        d["component"],
-        list(d["shape"]),
-        _json_float(d["normalized_diff"]),
-        _json_float(d["relative_diff"]),
-        _json_float(d["mean_abs_diff"]),
-        d["note"],
-    ]
-
-
-def weight_from_row(row: list[Any], base: str, desc: str) -> WeightRecord:
-    return WeightRecord(
-        base=base,
-        descendant=desc,
-        tensor=row[0],
-        layer=int(row[1]),
-        component=row[2],
-        shape=tuple(int(s) for s in row[3]),
-        normalized_diff=float(row[4]),
-        relative_diff=float(row[5]),
-        mean_abs_diff=float(row[6]),
-        note=row[7],
-    )
-
-
-def _json_float(v: float) -> float | str:
-    """Strict JSON has no NaN: NaN/Inf go as strings (weight records use NaN on purpose)."""
-    return v if math.isfinite(v) else repr(float(v))
 
 
 def rbf_median_key(convention: str) -> dict[str, str]:

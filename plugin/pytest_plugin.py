@@ -23,7 +23,7 @@ import pytest
 from .diskcheck import check_report_dir
 from .errors import ModelUnavailable, ReasondiffError
 from .options import DiffOptions, add_options, options_from_config
-from .records import CkaRecord, Curve, PairResult, Verdict, WeightRecord
+from .records import CkaRecord, Curve, PairResult, Verdict, WeightRecord, trace_set_of
 from .registry import PairSpec
 from .session import DiffSession, GroupSubject
 from .trace_choice import trace_specs
@@ -221,7 +221,7 @@ class FindingCheck:
         out = [
             r
             for r in result.cka
-            if r.metric in wanted and (trace_set is None or r.trace.split(":", 1)[0] == trace_set)
+            if r.metric in wanted and (trace_set is None or trace_set_of(r.trace) == trace_set)
         ]
         if not out and not result.cka and self.session.bundle is not None:
             # A weights-only bundle (e.g. another tool's per-tensor CSV) has nothing for

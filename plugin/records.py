@@ -6,6 +6,8 @@ Everything here is JSON/CSV friendly (ints, floats, strings, tuples of ints).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +35,21 @@ DIAGNOSTIC_METRICS = (
     "massive_count_base",
     "massive_count_descendant",
 )
+
+
+def trace_set_of(trace: str) -> str:
+    """The trace-set part of a ``"<set>:<id>"`` trace id (``""`` when there is no ``:``).
+
+    The one parser of trace ids: the bundle, the aggregation and the pytest layer all
+    call it, so an id without ``:`` means the same everywhere.
+    """
+    head, sep, _ = trace.partition(":")
+    return head if sep else ""
+
+
+def trace_sets_of(traces: Iterable[str]) -> list[str]:
+    """Names of the trace sets of these trace ids, in first-seen order."""
+    return list(dict.fromkeys(trace_set_of(t) for t in traces))
 
 
 @dataclass(frozen=True)
@@ -66,6 +83,45 @@ class WeightRecord:
     def block(self) -> int:
         """The decoder block index (-1 outside the blocks): the column ``block`` of weights.csv."""
         return self.layer
+
+
+def _json_float(v: float) -> float | str:
+    """Strict JSON has no NaN: NaN/Inf go as strings (weight records use NaN on purpose)."""
+    return v if math.isfinite(v) else repr(float(v))
+
+
+def weight_to_row(r: WeightRecord) -> list[Any]:
+    """The one compact encoding of a weight record (metric cache, xdist channel).
+
+    Base and descendant are left out: the container (a pair's cache entry or result)
+    names them. NaN/Inf become strings so that the row is strict JSON.
+    """
+    return [
+        r.tensor,
+        r.layer,
+        r.component,
+        list(r.shape),
+        _json_float(r.normalized_diff),
+        _json_float(r.relative_diff),
+        _json_float(r.mean_abs_diff),
+        r.note,
+    ]
+
+
+def weight_from_row(row: list[Any], base: str, desc: str) -> WeightRecord:
+    """Inverse of :func:`weight_to_row`."""
+    return WeightRecord(
+        base=base,
+        descendant=desc,
+        tensor=str(row[0]),
+        layer=int(row[1]),
+        component=str(row[2]),
+        shape=tuple(int(s) for s in row[3]),
+        normalized_diff=float(row[4]),
+        relative_diff=float(row[5]),
+        mean_abs_diff=float(row[6]),
+        note=str(row[7]),
+    )
 
 
 @dataclass(frozen=True)

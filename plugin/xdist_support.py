@@ -21,7 +21,8 @@ from .records import (
     PairInfo,
     PairResult,
     Verdict,
-    WeightRecord,
+    weight_from_row,
+    weight_to_row,
 )
 
 
@@ -86,21 +87,7 @@ def pair_result_to_dict(result: PairResult) -> dict[str, Any]:
     """Compact JSON-like form (rows as lists) for the execnet channel."""
     return {
         "info": result.info.to_dict(),
-        "weights": [
-            [
-                w.base,
-                w.descendant,
-                w.tensor,
-                w.layer,
-                w.component,
-                list(w.shape),
-                w.normalized_diff,
-                w.relative_diff,
-                w.mean_abs_diff,
-                w.note,
-            ]
-            for w in result.weights
-        ],
+        "weights": [[w.base, w.descendant, *weight_to_row(w)] for w in result.weights],
         "cka": [[c.base, c.descendant, c.trace, c.layer, c.metric, c.value] for c in result.cka],
         "massive": [
             [m.model, m.trace, m.layer, list(m.positions), m.max_abs] for m in result.massive
@@ -114,10 +101,7 @@ def pair_result_from_dict(d: dict[str, Any]) -> PairResult:
     """Inverse of ``pair_result_to_dict``."""
     return PairResult(
         info=PairInfo(**d["info"]),
-        weights=[
-            WeightRecord(r[0], r[1], r[2], int(r[3]), r[4], tuple(r[5]), r[6], r[7], r[8], r[9])
-            for r in d["weights"]
-        ],
+        weights=[weight_from_row(r[2:], r[0], r[1]) for r in d["weights"]],
         cka=[CkaRecord(r[0], r[1], r[2], int(r[3]), r[4], float(r[5])) for r in d["cka"]],
         massive=[
             MassiveRecord(r[0], r[1], int(r[2]), tuple(r[3]), float(r[4])) for r in d["massive"]

@@ -28,7 +28,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from ..errors import MetricInputError
-from ..records import CkaRecord, Curve, WeightRecord
+from ..records import CkaRecord, Curve, WeightRecord, trace_set_of
+from ..records import trace_sets_of as _trace_sets_of
 from .findings import bootstrap_interval, localization
 
 __all__ = [
@@ -43,18 +44,9 @@ __all__ = [
 ]
 
 
-def trace_set_of(trace: str) -> str:
-    """The trace-set part of a ``"<set>:<id>"`` trace id (``""`` when there is no ``:``)."""
-    head, sep, _ = trace.partition(":")
-    return head if sep else ""
-
-
 def trace_sets_of(rows: Iterable[CkaRecord]) -> list[str]:
     """Names of the trace sets the rows come from, in first-seen order."""
-    seen: dict[str, None] = {}
-    for r in rows:
-        seen.setdefault(trace_set_of(r.trace), None)
-    return list(seen)
+    return _trace_sets_of(r.trace for r in rows)
 
 
 def _one_pair(pairs: set[tuple[str, str]], what: str) -> None:
