@@ -151,6 +151,26 @@ class MassiveRecord:
     max_abs: float
 
 
+@dataclass(frozen=True)
+class DominantRecord:
+    """One dominant datapoint (METHODS §5) of one side of a pair, in one trace and layer.
+
+    ``model`` is the side's key (the pair's base or descendant); ``token`` is the id
+    decoded on its own with the base's tokenizer; ``projection`` is |PC1 projection|.
+    A row of dominant.csv.
+    """
+
+    base: str
+    descendant: str
+    trace: str
+    layer: int
+    model: str
+    position: int
+    token_id: int
+    token: str
+    projection: float
+
+
 @dataclass
 class Verdict:
     """The outcome of one finding test for one pair (or one base, for group findings).
