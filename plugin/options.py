@@ -529,14 +529,17 @@ def _anchored_dir(config: pytest.Config, text: str, *, from_ini: bool) -> str:
 
 
 def _check_choices(opts: DiffOptions) -> None:
-    from .registry import METHODS
+    from .errors import RegistryError
+    from .methods import check_method
 
     if opts.device not in DEVICES:
         raise pytest.UsageError(f"--device {opts.device!r} is not one of: {', '.join(DEVICES)}")
     if opts.dtype not in DTYPES:
         raise pytest.UsageError(f"--dtype {opts.dtype!r} is not one of: {', '.join(DTYPES)}")
-    if opts.method is not None and opts.method not in METHODS:
-        raise pytest.UsageError(f"--method {opts.method!r} is not one of: {', '.join(METHODS)}")
+    try:
+        check_method(opts.method, what="--method")
+    except RegistryError as exc:
+        raise pytest.UsageError(str(exc)) from None
     if (opts.base is None) != (opts.candidate is None):
         raise pytest.UsageError("--base and --candidate go together: give both or neither")
     if opts.adhoc and opts.model_group_given:

@@ -225,7 +225,7 @@ def test_one_base_forward_per_trace_for_all_descendants_and_a_warm_rerun_loads_n
     before = activations.FORWARD_COUNTER.count
     again = warm.pair_result(pairs[0], pairs)
     assert activations.FORWARD_COUNTER.count == before
-    assert warm.forwards == 0 and "load" not in warm.stage_seconds and not warm._models
+    assert warm.forwards == 0 and "load" not in warm.stage_seconds and not warm.pool.loaded
     assert again.cka == first.cka
     assert warm.stats.metrics_computed == 0 and warm.stats.metrics_loaded > 0
 
@@ -280,17 +280,35 @@ def test_a_bad_sibling_does_not_fail_the_requested_pair(fresh_cache: Path, tmp_p
         engine.pair_result(bad, [*pairs, bad])
 
 
-def test_engine_config_maps_every_option() -> None:
+def test_engine_config_maps_every_option(tmp_path: Path) -> None:
+    """Every EngineConfig field comes from its option: each set to a non-default value."""
+    import dataclasses
+
     from reasondiff.options import DiffOptions
 
-    opts = DiffOptions(dtype="float32", layers=(1, 2), dominant_k=5, keep_activations=True)
+    values: dict[str, object] = {
+        "device": "cpu",
+        "dtype": "float32",
+        "max_tokens": 77,
+        "layers": (1, 2),
+        "dominant_k": 5,
+        "rbf_median": "all",
+        "keep_activations": True,
+        "diff_cache_cap": 1 << 20,
+        "torch_threads": 3,
+        "trust_remote_code": True,
+        "allow_pickle": True,
+        "pass_size": 2,
+    }
+    opts = DiffOptions(diff_cache=str(tmp_path / "c"), **values)  # type: ignore[arg-type]
     cfg = EngineConfig.from_options(opts)
-    assert (cfg.dtype, cfg.layers, cfg.dominant_k, cfg.keep_activations) == (
-        "float32",
-        (1, 2),
-        5,
-        True,
-    )
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    assert fields == {"cache_dir", *values}, "a new EngineConfig field needs a row here"
+    default = EngineConfig(cache_dir=tmp_path)
+    for name, value in values.items():
+        assert getattr(default, name) != value, f"{name}: pick a non-default test value"
+        assert getattr(cfg, name) == value, name
+    assert cfg.cache_dir == opts.cache_dir() == tmp_path / "c"
 
 
 def test_fast_tokenizer_matches_auto_tokenizer_on_the_toy_tokenizer(toy_root: Path) -> None:
@@ -341,7 +359,7 @@ def test_a_pass_takes_only_the_descendants_that_fit_in_memory(
     engine = _engine(fresh_cache)
     one_model = engine.model_bytes(ensure_toy_model(fresh_cache / "toy", "base"))
     assert one_model > 0
-    monkeypatch.setattr(engine, "memory_budget", lambda: int(2.5 * one_model))
+    monkeypatch.setattr(engine.pool, "memory_budget", lambda: int(2.5 * one_model))
     engine.pair_result(pairs[0], pairs)
     traces = len(engine.sources()[0].trace_set.traces)
     assert engine.forwards == traces * 2  # base + the requested pair only
@@ -356,7 +374,9 @@ def test_pass_size_caps_the_claim(fresh_cache: Path) -> None:
     config = EngineConfig(cache_dir=fresh_cache, layers=(0, 5), pass_size=1)
     engine = Engine(config, trace_paths=[resolve_trace_path("toy", fresh_cache / "toy", "a")])
     src = engine.sources()[0]
-    claimed = engine._claim(pairs[0], pairs[1:], src, [0, 5, 10])
+    claimed = engine.scheduler.claim(
+        pairs[0], pairs[1:], lambda p: engine.pair_key(p, src), [0, 5, 10]
+    )
     try:
         assert [job.pair.pair_id for job, _ in claimed] == [pairs[0].pair_id]
     finally:

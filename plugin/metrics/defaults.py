@@ -14,6 +14,10 @@ BATHTUB_DELTA = 0.25
 BATHTUB_BAND = (0.15, 0.85)
 #: SFT vs RL: every SFT median must exceed every RL median by at least this ratio
 SFT_RL_RATIO = 2.0
+#: tokens per trace at most (longer traces are truncated, with a note)
+MAX_TOKENS = 4096
+#: top-k tokens per side whose union U is the dominant datapoints (METHODS §5)
+DOMINANT_K = 10
 #: bootstrap resamples (curve intervals over traces, medians over matrices)
 BOOTSTRAP = 1000
 #: RBF bandwidth median convention: "offdiag" (ours) or "all" (the reference's)
