@@ -346,9 +346,7 @@ def bathtub_explained(linear: BathtubResult, without_dominant: BathtubResult) ->
     """
     explained = linear.present and not without_dominant.present
     if not linear.present:
-        summary = (
-            f"nothing to explain: no bathtub in linear CKA ({_why_absent(linear)})"
-        )
+        summary = f"nothing to explain: no bathtub in linear CKA ({_why_absent(linear)})"
     elif without_dominant.present:
         summary = (
             f"not explained: the bathtub (depth {linear.depth:.3f}) remains without the "
