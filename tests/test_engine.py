@@ -227,7 +227,9 @@ def test_one_base_forward_per_trace_for_all_descendants_and_a_warm_rerun_loads_n
     assert activations.FORWARD_COUNTER.count == before
     assert warm.forwards == 0 and "load" not in warm.stage_seconds and not warm.pool.loaded
     assert again.cka == first.cka
-    assert warm.stats.metrics_computed == 0 and warm.stats.metrics_loaded > 0
+    entries = len({(c.trace, c.layer) for c in first.cka})  # one per (trace, layer)
+    assert engine.stats.metrics_computed == len(pairs) * entries
+    assert warm.stats.metrics_computed == 0 and warm.stats.metrics_loaded == entries
 
 
 @pytest.mark.slow

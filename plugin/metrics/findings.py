@@ -37,7 +37,16 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import MetricInputError
 from ..records import Curve
-from .defaults import BATHTUB_BAND, BATHTUB_DELTA, BOOTSTRAP, SFT_RL_RATIO
+from .defaults import (
+    BATHTUB_BAND,
+    BATHTUB_DELTA,
+    BOOTSTRAP,
+    FINAL_LAYER_MARGIN,
+    INVARIANCE_ATOL,
+    LOCALIZATION_MAX_GINI,
+    LOCALIZATION_MAX_SHARE,
+    SFT_RL_RATIO,
+)
 from .stats import (
     FloatArray,
     RankTestResult,
@@ -388,7 +397,7 @@ def final_layer_lowest(
     values: ArrayLike,
     layers: Sequence[int],
     *,
-    margin: float = 1e-6,
+    margin: float = FINAL_LAYER_MARGIN,
     variant: str = "post-norm",
 ) -> FinalLayerResult:
     """The last layer's CKA is below every other layer in 1..L by more than ``margin``.
@@ -477,8 +486,8 @@ class LocalizationResult:
 def localization(
     layer_totals: Sequence[float],
     *,
-    max_gini: float = 0.5,
-    max_share_ratio: float = 3.0,
+    max_gini: float = LOCALIZATION_MAX_GINI,
+    max_share_ratio: float = LOCALIZATION_MAX_SHARE,
 ) -> LocalizationResult:
     """Is the weight change distributed over layers (METHODS §8, "weight distributed")?
 
@@ -757,7 +766,7 @@ def trace_invariance(
     curve_a: Curve | Sequence[float],
     curve_b: Curve | Sequence[float],
     *,
-    atol: float = 0.05,
+    atol: float = INVARIANCE_ATOL,
     names: tuple[str, str] = ("trace set A", "trace set B"),
 ) -> InvarianceResult:
     """Curves from two trace sets agree when max_l |a_l - b_l| <= ``atol``.
