@@ -32,81 +32,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .engine_config import EngineConfig, TraceSource
 from .errors import ReasondiffError
 from .hidden_states import HiddenSource, WholeModelForwards
 from .metric_store import Entries, MetricStore, cache_key, rbf_median_key, rows_from_entry
-from .metrics.defaults import DOMINANT_K, MAX_TOKENS, RBF_MEDIAN
 from .model_pool import ModelPool
-from .model_pool import read_config as _read_config
 from .records import PairInfo, PairResult, WeightRecord, weight_from_row, weight_to_row
 from .registry import ModelSpec, PairSpec, slug
 from .runlog import RunLog
 from .scheduler import Scheduler
 from .scoring import Job, PassOutcome, ScoringPass
 
-if TYPE_CHECKING:
-    from .traces import TraceSet
-
-__all__ = ["Engine", "EngineConfig", "Entries", "TraceSource", "read_config", "resolve_trace_path"]
+__all__ = ["Engine", "EngineConfig", "Entries", "TraceSource", "resolve_trace_path"]
 
 #: Bump when the rows computed per (pair, trace, layer) change meaning: it keys the cache.
 METRICS_VERSION = "2"  # 2: stored token ids authoritative (results of re-tokenized sets differ)
 #: Bump when the weight-diff records change meaning.
 WEIGHTS_VERSION = "2"  # 2: float32 block sums accumulated in float64
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """What the engine needs to know; the pytest options map onto it one to one."""
-
-    cache_dir: Path
-    device: str = "auto"
-    dtype: str = "auto"
-    max_tokens: int = MAX_TOKENS
-    layers: tuple[int, ...] | None = None
-    dominant_k: int = DOMINANT_K
-    rbf_median: str = RBF_MEDIAN
-    keep_activations: bool = False
-    diff_cache_cap: int | None = None
-    torch_threads: int | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    #: Descendants scored in one pass at most (None: as many as fit in memory, see
-    #: :meth:`ModelPool.memory_budget <reasondiff.model_pool.ModelPool.memory_budget>`); each is resident on the device during the pass.
-    pass_size: int | None = None
-
-    @classmethod
-    def from_options(cls, options: Any) -> EngineConfig:
-        """From :class:`~reasondiff.options.DiffOptions` (duck-typed: no pytest import)."""
-        return cls(
-            cache_dir=options.cache_dir(),
-            device=options.device,
-            dtype=options.dtype,
-            max_tokens=options.max_tokens,
-            layers=options.layers,
-            dominant_k=options.dominant_k,
-            rbf_median=options.rbf_median,
-            keep_activations=options.keep_activations,
-            diff_cache_cap=options.diff_cache_cap,
-            torch_threads=options.torch_threads,
-            trust_remote_code=options.trust_remote_code,
-            allow_pickle=options.allow_pickle,
-            pass_size=options.pass_size,
-        )
-
-
-@dataclass
-class TraceSource:
-    """One trace set as the engine uses it: a short name (row prefix) and its traces."""
-
-    name: str
-    path: Path
-    trace_set: TraceSet
 
 
 class Engine:
@@ -378,9 +324,6 @@ class Engine:
 
 
 # ---------------------------------------------------------------------- helpers
-read_config = _read_config  # re-exported: the model pool owns it
-
-
 def resolve_trace_path(spec: str | Path, toy_root: Path, which: str = "a") -> Path:
     """A trace-set file: ``"toy"`` builds (once) and returns the toy set ``which``."""
     if str(spec) == "toy":

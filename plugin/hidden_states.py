@@ -23,7 +23,7 @@ from .registry import ModelSpec
 from .runlog import RunLog
 
 if TYPE_CHECKING:
-    from .engine import EngineConfig
+    from .engine_config import EngineConfig
     from .model_pool import ModelPool
     from .traces import Trace
 

@@ -16,7 +16,7 @@ from .registry import ModelSpec
 from .runlog import RunLog
 
 if TYPE_CHECKING:
-    from .engine import EngineConfig
+    from .engine_config import EngineConfig
 
 #: Bytes per element of the dtypes a checkpoint is stored or run in.
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -19,7 +19,7 @@ from .registry import PairSpec
 from .scoring import Job, PassOutcome
 
 if TYPE_CHECKING:
-    from .engine import EngineConfig
+    from .engine_config import EngineConfig
     from .model_pool import ModelPool
 
 #: Runs one pass over claimed jobs of one base (the engine binds trace set and layers).

@@ -22,7 +22,7 @@ from .registry import ModelSpec, PairSpec
 from .runlog import RunLog
 
 if TYPE_CHECKING:
-    from .engine import EngineConfig, TraceSource
+    from .engine_config import EngineConfig, TraceSource
     from .metrics.layer import Form
     from .model_pool import ModelPool
     from .traces import Trace, TraceSet
