@@ -16,9 +16,11 @@ Public API
 - :func:`localization` (share of the weight change per layer) -> :class:`LocalizationResult`
 - :func:`sft_vs_rl` (per-descendant medians over matrices, ratio with bootstrap interval;
   RBF CKA and the pooled rank test reported beside it) -> :class:`SftVsRlResult`
-- :func:`mann_whitney_greater` (the descriptive rank test on its own) -> :class:`RankTestResult`
 - :func:`trace_invariance` (two curves agree within atol) -> :class:`InvarianceResult`
-- :func:`bootstrap_interval` (percentile bootstrap over traces) -> (mean, lo, hi)
+
+The statistics these verdicts use (:func:`bootstrap_interval`, :func:`mann_whitney_greater`,
+the median interval, the Gini coefficient) live in :mod:`reasondiff.metrics.stats`; the
+first two are re-exported here for callers of the old names.
 
 Bad input (an empty curve, NaN, mismatched lengths) raises
 :class:`reasondiff.errors.MetricInputError` naming the curve and the layer; a verdict is
