@@ -47,6 +47,10 @@ from .runlog import RunLog
 from .scheduler import Scheduler
 from .scoring import Job, PassOutcome, ScoringPass
 
+#: Builds a pass's hidden-state source from the engine's config, model pool and log
+#: (:class:`~reasondiff.hidden_states.WholeModelForwards` by default).
+SourceFactory = Callable[[EngineConfig, ModelPool, RunLog], HiddenSource]
+
 __all__ = ["Engine", "EngineConfig", "Entries", "TraceSource", "resolve_trace_path"]
 
 #: Bump when the rows computed per (pair, trace, layer) change meaning: it keys the cache.
@@ -65,7 +69,9 @@ class Engine:
     :mod:`hidden-state source <reasondiff.hidden_states>`) and
     :class:`~reasondiff.metric_store.MetricStore` (the metric cache). ``trace_paths`` are
     the trace set files (primary first), or a callable giving them on first use (so
-    choosing the toy traces does not build anything until needed).
+    choosing the toy traces does not build anything until needed). ``hidden_source``
+    builds the source of hidden states (e.g. a block-streamed one) from the config, the
+    model pool and the run log.
     """
 
     def __init__(
@@ -74,7 +80,7 @@ class Engine:
         *,
         trace_paths: Sequence[Path] | Callable[[], Sequence[Path]],
         worker_count: int | None = None,
-        hidden_source: HiddenSource | None = None,
+        hidden_source: SourceFactory = WholeModelForwards,
     ) -> None:
         self.config = config
         self.worker_count = worker_count
@@ -87,7 +93,7 @@ class Engine:
         self.scheduler = Scheduler(
             config, self.pool, self.store, worker_count=worker_count, settled=self._settled
         )
-        source = hidden_source or WholeModelForwards(config, self.pool, self.log)
+        source = hidden_source(config, self.pool, self.log)
         self.scoring = ScoringPass(config, self.pool, self.store, self.log, source)
         self._trace_paths = trace_paths
         self._sources: list[TraceSource] | None = None

@@ -384,3 +384,46 @@ def test_pass_size_caps_the_claim(fresh_cache: Path) -> None:
     finally:
         for _, lock in claimed:
             lock.release()
+
+
+def test_the_hidden_state_source_is_one_pluggable_piece(fresh_cache: Path, tmp_path: Path) -> None:
+    """A source of its own (here: one that wraps the whole-model forwards and records what
+    it hands out) drives the pass layer by layer and gives the default source's rows."""
+    from reasondiff.engine import resolve_trace_path
+    from reasondiff.hidden_states import WholeModelForwards
+
+    _, pairs = _specs(["massive"])
+    default = _engine(fresh_cache).pair_result(pairs[0], pairs)
+
+    seen: list[tuple[str, int, list[str], list[str]]] = []
+
+    class Recording:
+        def __init__(self, inner: WholeModelForwards) -> None:
+            self.inner = inner
+
+        def __call__(self, trace, models, layers, num_layers, errors):  # type: ignore[no-untyped-def]
+            for lay, states in self.inner(trace, models, layers, num_layers, errors):
+                seen.append((trace.id, lay, sorted(states), sorted(states["base"])))
+                yield lay, states
+
+    other = tmp_path / "other"
+    shutil.copytree(fresh_cache / "toy", other / "toy", symlinks=True)
+    config = EngineConfig(cache_dir=other, layers=(0, 5))
+    engine = Engine(
+        config,
+        trace_paths=[resolve_trace_path("toy", other / "toy", "a")],
+        hidden_source=lambda c, pool, log: Recording(WholeModelForwards(c, pool, log)),
+    )
+    plugged = engine.pair_result(pairs[0], pairs)
+
+    traces = engine.sources()[0].trace_set.traces
+    assert [(t, lay) for t, lay, _, _ in seen] == [
+        (t.id, lay) for t in traces for lay in (0, 5, 10)
+    ]
+    assert all(keys[0] == "base" and len(keys) == 2 for _, _, keys, _ in seen)
+    assert {lay: kinds for _, lay, _, kinds in seen} == {
+        0: ["hidden"],
+        5: ["hidden"],
+        10: ["hidden", "prenorm"],
+    }
+    assert plugged.cka == default.cka and plugged.massive == default.massive
