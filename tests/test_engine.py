@@ -393,7 +393,9 @@ def test_the_hidden_state_source_is_one_pluggable_piece(fresh_cache: Path, tmp_p
     from reasondiff.hidden_states import WholeModelForwards
 
     _, pairs = _specs(["massive"])
-    default = _engine(fresh_cache).pair_result(pairs[0], pairs)
+    full = resolve_trace_path("toy", fresh_cache / "toy", "a")
+    short = tmp_path / "two-traces.jsonl"  # header + 2 traces: two cheap cold runs
+    short.write_text("".join(full.read_text("utf-8").splitlines(keepends=True)[:3]), "utf-8")
 
     seen: list[tuple[str, int, list[str], list[str]]] = []
 
@@ -406,24 +408,27 @@ def test_the_hidden_state_source_is_one_pluggable_piece(fresh_cache: Path, tmp_p
                 seen.append((trace.id, lay, sorted(states), sorted(states["base"])))
                 yield lay, states
 
+    def engine(cache: Path, **kw: Any) -> Engine:
+        config = EngineConfig(cache_dir=cache, layers=(0, 5))
+        return Engine(config, trace_paths=[short], **kw)
+
+    default = engine(fresh_cache).pair_result(pairs[0], pairs)
     other = tmp_path / "other"
     shutil.copytree(fresh_cache / "toy", other / "toy", symlinks=True)
-    config = EngineConfig(cache_dir=other, layers=(0, 5))
-    engine = Engine(
-        config,
-        trace_paths=[resolve_trace_path("toy", other / "toy", "a")],
-        hidden_source=lambda c, pool, log: Recording(WholeModelForwards(c, pool, log)),
+    plugged_engine = engine(
+        other, hidden_source=lambda c, pool, log: Recording(WholeModelForwards(c, pool, log))
     )
-    plugged = engine.pair_result(pairs[0], pairs)
+    plugged = plugged_engine.pair_result(pairs[0], pairs)
 
-    traces = engine.sources()[0].trace_set.traces
+    traces = plugged_engine.sources()[0].trace_set.traces
+    assert len(traces) == 2
     assert [(t, lay) for t, lay, _, _ in seen] == [
         (t.id, lay) for t in traces for lay in (0, 5, 10)
     ]
-    assert all(keys[0] == "base" and len(keys) == 2 for _, _, keys, _ in seen)
+    assert all("base" in keys and len(keys) == 2 for _, _, keys, _ in seen)  # base + 1
     assert {lay: kinds for _, lay, _, kinds in seen} == {
         0: ["hidden"],
         5: ["hidden"],
         10: ["hidden", "prenorm"],
     }
-    assert plugged.cka == default.cka and plugged.massive == default.massive
+    assert plugged.cka and plugged.cka == default.cka and plugged.massive == default.massive
