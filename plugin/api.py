@@ -12,10 +12,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .diskcheck import toy_root
 from .engine import Engine, EngineConfig, resolve_trace_path
-from .errors import RegistryError
+from .methods import check_method
+from .metrics.defaults import DOMINANT_K, MAX_TOKENS, RBF_MEDIAN
 from .records import PairResult
-from .registry import METHODS, ModelSpec, PairSpec, Registry, key_from_source
+from .registry import ModelSpec, PairSpec, Registry, key_from_source
 
 
 def compare(
@@ -25,10 +27,10 @@ def compare(
     traces: str | Path | Sequence[str | Path] = "toy",
     device: str = "auto",
     dtype: str = "auto",
-    max_tokens: int = 4096,
+    max_tokens: int = MAX_TOKENS,
     layers: Sequence[int] | None = None,
-    dominant_k: int = 10,
-    rbf_median: str = "offdiag",
+    dominant_k: int = DOMINANT_K,
+    rbf_median: str = RBF_MEDIAN,
     keep_activations: bool = False,
     cache_dir: str | Path | None = None,
     registry: Sequence[str | Path] = (),
@@ -95,7 +97,7 @@ def compare_with_engine(
 
     def paths() -> list[Path]:
         return [
-            resolve_trace_path(s, root / "toy", which)
+            resolve_trace_path(s, toy_root(root), which)
             for s, which in zip(specs, "abcdefgh", strict=False)
         ]
 
@@ -115,6 +117,5 @@ def _spec(
     found = reg.find_by_source(ref)
     if found is not None:
         return found
-    if method is not None and method not in METHODS:
-        raise RegistryError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    check_method(method)
     return ModelSpec(key=key_from_source(ref), source=ref, base=base, method=method)

@@ -1,11 +1,14 @@
-"""The comparison engine: models, forwards, metrics and caches, with no pytest inside.
+"""The comparison engine: config, memo and result assembly, with no pytest inside.
 
 :class:`Engine` turns a base/descendant :class:`~reasondiff.registry.PairSpec` into a
 :class:`~reasondiff.records.PairResult` (weight-diff records and per-(trace, layer) CKA
 rows). The pytest session asks it for one pair at a time; :func:`compare` is the same
 work as a plain function for notebooks and scripts.
 
-How work is shared (METHODS §11):
+Its rooms, one job each: :mod:`~reasondiff.model_pool` (runtime, checkpoints, models,
+tokenizers), :mod:`~reasondiff.scheduler` (claims and waits under xdist),
+:mod:`~reasondiff.scoring` (the pass, fed by :mod:`~reasondiff.hidden_states`) and
+:mod:`~reasondiff.metric_store` (the metric cache). How work is shared (METHODS §11):
 - A **pass** takes one base and the descendants this process claimed, and per trace
   does one forward of the base and one of each descendant. Per layer, the base's
   statistics (centred Gram, RBF kernel, HSIC(K, K), PC1 projection, massive
@@ -27,110 +30,48 @@ side fails the pass (every pair needs the base).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .engine_config import EngineConfig, TraceSource
 from .errors import ReasondiffError
-from .metric_store import (
-    blocking_lock,
-    cache_key,
-    layer_key,
-    peek,
-    rbf_median_key,
-    release,
-    rows_from_entry,
-    try_lock,
-)
-from .records import CacheStats, PairInfo, PairResult, WeightRecord, weight_from_row, weight_to_row
+from .hidden_states import HiddenSource, WholeModelForwards
+from .metric_store import Entries, MetricStore, cache_key, rbf_median_key, rows_from_entry
+from .model_pool import ModelPool
+from .records import PairInfo, PairResult, WeightRecord, weight_from_row, weight_to_row
 from .registry import ModelSpec, PairSpec, slug
+from .runlog import RunLog
+from .scheduler import Scheduler
+from .scoring import Job, PassOutcome, ScoringPass
 
-if TYPE_CHECKING:
-    from .metrics.layer import Form
-    from .traces import Trace, TraceSet
+#: Builds a pass's hidden-state source from the engine's config, model pool and log
+#: (:class:`~reasondiff.hidden_states.WholeModelForwards` by default).
+SourceFactory = Callable[[EngineConfig, ModelPool, RunLog], HiddenSource]
+
+__all__ = ["Engine", "EngineConfig", "Entries", "TraceSource", "resolve_trace_path"]
 
 #: Bump when the rows computed per (pair, trace, layer) change meaning: it keys the cache.
 METRICS_VERSION = "2"  # 2: stored token ids authoritative (results of re-tokenized sets differ)
 #: Bump when the weight-diff records change meaning.
 WEIGHTS_VERSION = "2"  # 2: float32 block sums accumulated in float64
 
-Entries = dict[str, dict[int, dict[str, Any]]]  # trace id -> layer -> cache entry
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """What the engine needs to know; the pytest options map onto it one to one."""
-
-    cache_dir: Path
-    device: str = "auto"
-    dtype: str = "auto"
-    max_tokens: int = 4096
-    layers: tuple[int, ...] | None = None
-    dominant_k: int = 10
-    rbf_median: str = "offdiag"
-    keep_activations: bool = False
-    diff_cache_cap: int | None = None
-    torch_threads: int | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    #: Descendants scored in one pass at most (None: as many as fit in memory, see
-    #: :meth:`Engine.memory_budget`); each is resident on the device during the pass.
-    pass_size: int | None = None
-
-    @classmethod
-    def from_options(cls, options: Any) -> EngineConfig:
-        """From :class:`~reasondiff.options.DiffOptions` (duck-typed: no pytest import)."""
-        return cls(
-            cache_dir=options.cache_dir(),
-            device=options.device,
-            dtype=options.dtype,
-            max_tokens=options.max_tokens,
-            layers=options.layers,
-            dominant_k=options.dominant_k,
-            rbf_median=getattr(options, "rbf_median", "offdiag"),
-            keep_activations=options.keep_activations,
-            diff_cache_cap=options.diff_cache_cap,
-            torch_threads=options.torch_threads,
-            trust_remote_code=options.trust_remote_code,
-            allow_pickle=options.allow_pickle,
-            pass_size=options.pass_size,
-        )
-
-
-@dataclass
-class TraceSource:
-    """One trace set as the engine uses it: a short name (row prefix) and its traces."""
-
-    name: str
-    path: Path
-    trace_set: TraceSet
-
-
-@dataclass
-class _Job:
-    """One claimed pair inside a pass."""
-
-    pair: PairSpec
-    key: str
-    desc_dir: Path
-    traces: TraceSet | None = None
-    notes: list[str] = field(default_factory=list)
-    entries: Entries = field(default_factory=dict)
-    error: Exception | None = None
-
 
 class Engine:
-    """Computes pair results; owns models, tokenizers, fingerprints and caches.
+    """Turns pairs into :class:`~reasondiff.records.PairResult` s (memoized, errors too).
 
-    ``trace_paths`` are the trace set files (primary first), or a callable giving them
-    on first use (so choosing the toy traces does not build anything until needed).
+    The engine keeps the config, the memo and the result assembly; the work is done by
+    its rooms: :class:`~reasondiff.model_pool.ModelPool` (runtime, checkpoints, models),
+    :class:`~reasondiff.scheduler.Scheduler` (claims and waits under xdist),
+    :class:`~reasondiff.scoring.ScoringPass` (forwards and per-layer scores, fed by a
+    :mod:`hidden-state source <reasondiff.hidden_states>`) and
+    :class:`~reasondiff.metric_store.MetricStore` (the metric cache). ``trace_paths`` are
+    the trace set files (primary first), or a callable giving them on first use (so
+    choosing the toy traces does not build anything until needed). ``hidden_source``
+    builds the source of hidden states (e.g. a block-streamed one) from the config, the
+    model pool and the run log.
     """
 
     def __init__(
@@ -139,27 +80,26 @@ class Engine:
         *,
         trace_paths: Sequence[Path] | Callable[[], Sequence[Path]],
         worker_count: int | None = None,
+        hidden_source: SourceFactory = WholeModelForwards,
     ) -> None:
         self.config = config
         self.worker_count = worker_count
-        self.stats = CacheStats()
-        self.stage_seconds: dict[str, float] = {}
-        self.notes: list[str] = []
-        self.forwards = 0
+        self.log = RunLog()
+        self.stats = self.log.stats
+        self.stage_seconds = self.log.stage_seconds
+        self.notes = self.log.notes
+        self.pool = ModelPool(config, self.log, worker_count=worker_count)
+        self.store = MetricStore(config.cache_dir, self.log)
+        self.scheduler = Scheduler(
+            config, self.pool, self.store, worker_count=worker_count, settled=self._settled
+        )
+        source = hidden_source(config, self.pool, self.log)
+        self.scoring = ScoringPass(config, self.pool, self.store, self.log, source)
         self._trace_paths = trace_paths
         self._sources: list[TraceSource] | None = None
         self._results: dict[str, PairResult] = {}
         self._failures: dict[str, Exception] = {}
-        self._entries: dict[str, tuple[dict[str, Any], Entries]] = {}
-        self._pass_errors: dict[str, Exception] = {}
-        self._models: dict[str, Any] = {}
-        self._paths: dict[str, Path] = {}
-        self._fingerprints: dict[Path, str] = {}
-        self._tokenizers: dict[Path, Any] = {}
-        self._json_caches: dict[str, Any] = {}
-        self._act_cache: Any = None
-        self._torch_ready = False
-        self._device: str | None = None
+        self._weights_cache: Any = None
 
     # ------------------------------------------------------------------ public
     def pair_result(self, pair: PairSpec, siblings: Sequence[PairSpec] = ()) -> PairResult:
@@ -197,29 +137,51 @@ class Engine:
             self._sources = out
         return self._sources
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    @property
+    def forwards(self) -> int:
+        """Model forwards run by this engine (all passes)."""
+        return self.log.forwards
+
+    def stage(self, name: str) -> AbstractContextManager[None]:
         """Add the wall time of the block to ``stage_seconds[name]``."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
+        return self.log.stage(name)
 
     def release_models(self) -> None:
         """Drop every loaded model (frees host / device memory)."""
-        self._models.clear()
+        self.pool.release()
+
+    # The pool's facts, under the names callers and tests have used.
+    @property
+    def device(self) -> str:
+        return self.pool.device
+
+    @property
+    def toy_root(self) -> Path:
+        return self.pool.toy_root
+
+    def fingerprint(self, path: Path) -> str:
+        return self.pool.fingerprint(path)
+
+    def dtype_for(self, model_dir: Path) -> str:
+        return self.pool.dtype_for(model_dir)
+
+    def model_bytes(self, path: Path) -> int:
+        return self.pool.model_bytes(path)
+
+    def _resolve(self, spec: ModelSpec) -> Path:
+        return self.pool.resolve(spec)
 
     # ------------------------------------------------------------------ one pair
-    def _compute_pair(self, pair: PairSpec, siblings: Sequence[PairSpec]) -> PairResult:
-        from .models import check_compatible_configs
+    def _settled(self, pair_id: str) -> bool:
+        return pair_id in self._results or pair_id in self._failures
 
-        self._configure_torch()
+    def _compute_pair(self, pair: PairSpec, siblings: Sequence[PairSpec]) -> PairResult:
+        self.pool.configure_torch()
         base_dir = self._resolve(pair.base)
         desc_dir = self._resolve(pair.descendant)
         bname, dname = pair.base.key, pair.descendant.key
-        check_compatible_configs(base_dir, desc_dir, base_name=bname, desc_name=dname)
-        num_layers = _num_layers(read_config(desc_dir, dname))
+        self.pool.check_pair(base_dir, desc_dir, base=bname, desc=dname)
+        num_layers = self.pool.num_layers(desc_dir, dname)
         layers = self._layers(num_layers, dname)
         result = PairResult(
             info=PairInfo(
@@ -239,7 +201,14 @@ class Engine:
         mates = [s for s in siblings if s.base.key == pair.base.key and s.pair_id != pair.pair_id]
         for src in self.sources():
             result.trace_sets.append(src.name)
-            manifest, entries = self._pair_entries(pair, mates, src, layers, num_layers)
+
+            manifest, entries = self.scheduler.entries(
+                pair,
+                mates,
+                partial(self._key_on, src),
+                layers,
+                partial(self._run_pass, pair, src, layers, num_layers),
+            )
             for tid in manifest["traces"]:
                 for lay in layers:
                     rows_from_entry(entries[tid][lay], pair, f"{src.name}:{tid}", lay, result)
@@ -247,26 +216,8 @@ class Engine:
                 msg = f"{pair.pair_id} [{src.name}]: {note}"
                 if msg not in result.notes:
                     result.notes.append(msg)
-        self._evict_descendants(pair)
+        self.pool.keep_only(pair.base.key)
         return result
-
-    def _configure_torch(self) -> None:
-        """Set torch's CPU threads once: ``torch_threads``, or cores / workers under xdist.
-
-        xdist workers each running torch's default thread count oversubscribe the CPU,
-        and OpenMP threads that spin-wait on a busy machine make small matrices many
-        times slower than one thread.
-        """
-        if self._torch_ready:
-            return
-        self._torch_ready = True
-        threads = self.config.torch_threads
-        if threads is None and self.worker_count:
-            threads = max(1, _cpu_count() // self.worker_count)
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
 
     def _layers(self, num_layers: int, model: str) -> list[int]:
         wanted = self.config.layers
@@ -281,49 +232,6 @@ class Engine:
         # The final layer is always measured: it has a finding of its own.
         return sorted({*wanted, num_layers})
 
-    # ------------------------------------------------------------------ models and files
-    def _resolve(self, spec: ModelSpec) -> Path:
-        if spec.key not in self._paths:
-            from .models import resolve_source
-
-            with self.stage("resolve"):
-                self._paths[spec.key] = Path(resolve_source(spec, toy_root=self.toy_root))
-        return self._paths[spec.key]
-
-    @property
-    def toy_root(self) -> Path:
-        """``cache_dir/toy``, or a temporary dir when the cache cannot hold the toy family."""
-        from .diskcheck import toy_root
-
-        return toy_root(self.config.cache_dir)
-
-    def fingerprint(self, path: Path) -> str:
-        """Content fingerprint, memoized in-process and on disk (by path, size, mtime)."""
-        if path not in self._fingerprints:
-            from .fingerprint import fingerprint
-
-            with self.stage("resolve"):
-                self._fingerprints[path] = fingerprint(
-                    path, memo_dir=self.config.cache_dir / "fingerprints"
-                )
-        return self._fingerprints[path]
-
-    @property
-    def device(self) -> str:
-        """The concrete torch device (``auto`` resolved; worker i -> GPU i mod n)."""
-        if self._device is None:
-            from .models import pick_device
-
-            self._device = pick_device(self.config.device)
-        return self._device
-
-    def dtype_for(self, model_dir: Path) -> str:
-        """The dtype activations of this checkpoint are computed in: one place for the
-        cache key and the loader (``auto``: float32 on CPU, the checkpoint's own on CUDA)."""
-        from .dtypes import resolve_dtype
-
-        return resolve_dtype(self.config.dtype, self.device, read_config(model_dir, model_dir.name))
-
     def _dtype_note(self, pair: PairSpec, base_dir: Path, desc_dir: Path) -> str:
         """The report's word on the dtype this pair's activations were computed in."""
         from .dtypes import dtype_note
@@ -336,67 +244,6 @@ class Engine:
             option=self.config.dtype,
             device=self.device,
         )
-
-    def _model(self, spec: ModelSpec, path: Path) -> Any:
-        """Load a model at most once (kept until its pair or pass is done)."""
-        if spec.key not in self._models:
-            from .models import load_model
-
-            with self.stage("load"):
-                self._models[spec.key] = load_model(
-                    path,
-                    device=self.device,
-                    dtype=self.dtype_for(path),
-                    trust_remote_code=self.config.trust_remote_code,
-                    allow_pickle=self.config.allow_pickle,
-                    name=spec.key,
-                )
-        return self._models[spec.key]
-
-    def _evict_descendants(self, pair: PairSpec) -> None:
-        """Keep only the current base loaded between pairs (the next pair likely shares it)."""
-        for key in [k for k in self._models if k != pair.base.key]:
-            del self._models[key]
-
-    def _tokenizer(self, path: Path) -> Any:
-        if path not in self._tokenizers:
-            from .tokenizer import load_fast_tokenizer
-
-            with self.stage("tokenize"):
-                self._tokenizers[path] = load_fast_tokenizer(
-                    path, trust_remote_code=self.config.trust_remote_code
-                )
-        return self._tokenizers[path]
-
-    # ------------------------------------------------------------------ caches
-    def _json_cache(self, namespace: str) -> Any:
-        if namespace not in self._json_caches:
-            from .cache import JsonCache
-
-            self._json_caches[namespace] = JsonCache(self.config.cache_dir, namespace)
-        return self._json_caches[namespace]
-
-    def _activation_cache(self) -> Any:
-        if self._act_cache is None:
-            from .cache import ActivationCache
-
-            self._act_cache = ActivationCache(
-                self.config.cache_dir, cap_bytes=self.config.diff_cache_cap
-            )
-        return self._act_cache
-
-    def _note_cache_state(self, cache: Any) -> None:
-        stats = getattr(cache, "stats", None)
-        reason = getattr(stats, "disabled_reason", None)
-        if reason and not self.stats.caching_disabled_reason:
-            self.stats.caching_disabled_reason = str(reason)
-        # A damaged entry is recomputed silently otherwise (its log line is captured).
-        for entry in getattr(stats, "invalid_entries", None) or ():
-            self._note(f"cache entry discarded and recomputed: {entry}")
-
-    def _note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
 
     # ------------------------------------------------------------------ weights
     def _weights(self, pair: PairSpec, base_dir: Path, desc_dir: Path) -> list[WeightRecord]:
@@ -419,9 +266,12 @@ class Engine:
                 )
             return [weight_to_row(r) for r in recs]
 
-        cache = self._json_cache("weightdiff")
-        rows = cache.get_or_compute(key, compute)
-        self._note_cache_state(cache)
+        if self._weights_cache is None:
+            from .cache import JsonCache
+
+            self._weights_cache = JsonCache(self.config.cache_dir, "weightdiff")
+        rows = self._weights_cache.get_or_compute(key, compute)
+        self.log.cache_state(self._weights_cache)
         if computed:
             self.stats.weight_diffs_computed += 1
         else:
@@ -449,375 +299,37 @@ class Engine:
             **rbf_median_key(c.rbf_median),
         )
 
-    def _pair_entries(
-        self,
-        pair: PairSpec,
-        mates: Sequence[PairSpec],
-        src: TraceSource,
-        layers: list[int],
-        num_layers: int,
-    ) -> tuple[dict[str, Any], Entries]:
-        """(manifest, entries) of one pair on one trace set: memory, cache, or a pass."""
-        key = self.pair_key(pair, src)
-        found = self._known_entries(key, layers)
-        if found is not None:
-            return found
-        claimed = self._claim(pair, mates, src, layers)
-        try:
-            if claimed:
-                self._run_pass(pair.base, [job for job, _ in claimed], src, layers, num_layers)
-        finally:
-            for _, lock in claimed:
-                release(lock)
-        if key in self._pass_errors:
-            raise self._pass_errors.pop(key)
-        found = self._known_entries(key, layers)
-        if found is not None:
-            return found
-        # Another process holds this pair: wait for it, then read what it wrote. If it
-        # died or failed, compute the pair here, alone.
-        with blocking_lock(self.config.cache_dir, key):
-            found = self._known_entries(key, layers)
-            if found is None:
-                job = _Job(pair=pair, key=key, desc_dir=self._resolve(pair.descendant))
-                self._run_pass(pair.base, [job], src, layers, num_layers)
-                if key in self._pass_errors:
-                    raise self._pass_errors.pop(key)
-                found = self._known_entries(key, layers)
-        if found is None:  # pragma: no cover - a pass always leaves entries or an error
-            raise ReasondiffError(f"{pair.pair_id}: no metric entries after computing them")
-        return found
+    def _key_on(self, src: TraceSource, pair: PairSpec) -> str:
+        return self.pair_key(pair, src)
 
-    def _claim(
-        self, pair: PairSpec, mates: Sequence[PairSpec], src: TraceSource, layers: list[int]
-    ) -> list[tuple[_Job, Any]]:
-        """Lock the requested pair and up to ceil(k / workers) - 1 uncomputed siblings."""
-        share = max(1, math.ceil((len(mates) + 1) / max(1, self.worker_count or 1)))
-        if self.config.pass_size is not None:
-            share = min(share, self.config.pass_size)
-        budget = self.memory_budget()
-        resident = (
-            0 if pair.base.key in self._models else self.model_bytes(self._resolve(pair.base))
-        )
-        claimed: list[tuple[_Job, Any]] = []
-        for p in [pair, *mates]:
-            if len(claimed) >= share:
-                break
-            if p is not pair and (p.pair_id in self._results or p.pair_id in self._failures):
-                continue
-            try:
-                key = self.pair_key(p, src)
-                desc_dir = self._resolve(p.descendant)
-            except Exception:
-                if p is pair:
-                    raise
-                continue  # a sibling's problem is reported by its own test
-            if self._known_entries(key, layers) is not None:
-                continue
-            lock = try_lock(self.config.cache_dir, key)
-            if lock is None:
-                continue  # another process is computing it
-            if self._known_entries(key, layers) is not None:
-                release(lock)
-                continue
-            size = self.model_bytes(desc_dir)
-            if claimed and budget is not None and resident + size > budget:
-                release(lock)  # would not fit beside the others: a later pass takes it
-                break
-            resident += size
-            claimed.append((_Job(pair=p, key=key, desc_dir=desc_dir), lock))
-        return claimed
-
-    def model_bytes(self, path: Path) -> int:
-        """Memory a checkpoint takes once loaded: its weight files, rescaled from the dtype
-        it is stored in to the dtype it runs in (an estimate; buffers are small)."""
-        from .dtypes import checkpoint_dtype
-
-        files = [p for p in path.glob("*.safetensors")] or list(path.glob("pytorch_model*.bin"))
-        stored = sum(p.stat().st_size for p in files)
-        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}
-        src = checkpoint_dtype(read_config(path, path.name)) or "float32"
-        return int(stored * itemsize.get(self.dtype_for(path), 4) / itemsize.get(src, 4))
-
-    def memory_budget(self) -> int | None:
-        """Bytes of models a pass may add: 80% of the free device memory (CUDA) or of the
-        available host memory (CPU), which loaded models are already out of; the other
-        20% is for one trace's hidden states and the metric scratch. None when it cannot
-        be read (then no limit)."""
-        try:
-            if self.device.startswith("cuda"):
-                import torch
-
-                free, _ = torch.cuda.mem_get_info(torch.device(self.device))
-                return int(0.8 * free)
-            pages = os.sysconf("SC_AVPHYS_PAGES")
-            return int(0.8 * pages * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, RuntimeError, AttributeError):
-            return None
-
-    def _known_entries(self, key: str, layers: list[int]) -> tuple[dict[str, Any], Entries] | None:
-        """(manifest, entries[trace][layer]) from this process or the cache, else None."""
-        if key in self._entries:
-            return self._entries[key]
-        cache = self._json_cache("metrics")
-        with self.stage("metric cache"):
-            manifest = peek(cache, cache_key(kind="manifest", pair=key))
-            if manifest is None:
-                return None
-            entries: Entries = {}
-            for tid in manifest["traces"]:
-                entries[tid] = {}
-                for lay in layers:
-                    entry = peek(cache, layer_key(key, tid, lay))
-                    if entry is None:
-                        return None
-                    entries[tid][lay] = entry
-        self._note_cache_state(cache)
-        self.stats.metrics_loaded += sum(len(e) for e in entries.values())
-        self._entries[key] = (manifest, entries)
-        return manifest, entries
-
-    # ------------------------------------------------------------------ a pass
     def _run_pass(
-        self,
-        base: ModelSpec,
-        jobs: list[_Job],
-        src: TraceSource,
-        layers: list[int],
-        num_layers: int,
-    ) -> None:
-        """Score ``jobs`` (descendants of ``base``) on every trace of ``src``.
+        self, pair: PairSpec, src: TraceSource, layers: list[int], num_layers: int, jobs: list[Job]
+    ) -> PassOutcome:
+        """One scoring pass over ``jobs`` (claimed for ``pair``'s base) on ``src``."""
+        return self.scoring.run(pair.base, self._compatible(pair, jobs), src, layers, num_layers)
 
-        Per trace: one base forward, one forward per descendant that still misses
-        entries, then layer by layer the base side is prepared once and each descendant
-        scored against it. Entries are written as they are made; each manifest last.
-        """
-        from .progress import progress_for
-
-        base_dir = self._resolve(base)
-        traces = self._prepare_jobs(base, base_dir, jobs, src)
-        live = [j for j in jobs if j.error is None]
-        if not live or traces is None:
-            self._finish(jobs)
-            return
-        cache = self._json_cache("metrics")
-        subject = f"{base.key} vs {', '.join(j.pair.descendant.key for j in live)} [{src.name}]"
-        with progress_for("compare", len(traces.traces), subject=subject, unit="traces") as step:
-            for trace in traces.traces:
-                todo = [j for j in live if j.error is None and self._fill_cached(j, trace, layers)]
-                if todo:
-                    self._score_trace(base, base_dir, todo, trace, layers, num_layers, cache)
-                step(trace.id)
-        self._note_cache_state(cache)
-        self._finish(jobs)
-
-    def _prepare_jobs(
-        self, base: ModelSpec, base_dir: Path, jobs: list[_Job], src: TraceSource
-    ) -> TraceSet | None:
-        """Token ids every model of the pass sees (identical by construction), per job."""
-        from .models import check_compatible_configs
-        from .traces import token_ids_for_pair, truncate
-
-        chosen: TraceSet | None = None
+    def _compatible(self, pair: PairSpec, jobs: list[Job]) -> list[Job]:
+        """Jobs whose configs match the base: the requested pair was checked in
+        :meth:`_compute_pair`; a sibling is checked here, and one that fails is dropped
+        (its own test reports the mismatch)."""
+        out = []
+        base_dir = self._resolve(pair.base)
         for job in jobs:
-            dname = job.pair.descendant.key
-            try:
-                check_compatible_configs(
-                    base_dir, job.desc_dir, base_name=base.key, desc_name=dname
-                )
-                with self.stage("tokenize"):
-                    bcfg = read_config(base_dir, base.key)
-                    dcfg = read_config(job.desc_dir, dname)
-                    ids, retokenized = token_ids_for_pair(
-                        src.trace_set,
-                        self._tokenizer(base_dir),
-                        self._tokenizer(job.desc_dir),
-                        base_name=base.key,
-                        desc_name=dname,
-                        vocab_size_base=int(bcfg.get("vocab_size", 0)) or None,
-                        vocab_size_desc=int(dcfg.get("vocab_size", 0)) or None,
+            if job.pair.pair_id != pair.pair_id:
+                try:
+                    self.pool.check_pair(
+                        base_dir,
+                        job.desc_dir,
+                        base=pair.base.key,
+                        desc=job.pair.descendant.key,
                     )
-                    truncated, notes = truncate(ids, self.config.max_tokens)
-            except Exception as exc:
-                job.error = exc
-                continue
-            if chosen is None:
-                chosen = truncated
-            elif [t.token_ids for t in truncated.traces] != [t.token_ids for t in chosen.traces]:
-                job.error = ReasondiffError(
-                    f"{job.pair.pair_id}: token ids differ from those of the other "
-                    f"descendants of {base.key} on trace set {src.name}"
-                )
-                continue
-            job.traces = truncated
-            job.notes = [*retokenized, *notes]
-        return chosen
-
-    def _fill_cached(self, job: _Job, trace: Trace, layers: list[int]) -> bool:
-        """Take this trace's entries from the cache when all are there; True if any miss."""
-        cache = self._json_cache("metrics")
-        have = {lay: peek(cache, layer_key(job.key, trace.id, lay)) for lay in layers}
-        if any(e is None for e in have.values()):
-            return True
-        job.entries[trace.id] = have
-        self.stats.metrics_loaded += len(have)
-        return False
-
-    def _score_trace(
-        self,
-        base: ModelSpec,
-        base_dir: Path,
-        todo: list[_Job],
-        trace: Trace,
-        layers: list[int],
-        num_layers: int,
-        cache: Any,
-    ) -> None:
-        """One base forward, one per descendant, then every layer scored with a shared base."""
-        from .metrics.layer import prepare_base_layer, score_layer
-
-        hb = self._hidden(base, base_dir, trace, layers)
-        hidden: dict[str, dict[str, Any]] = {}
-        for job in todo:
-            try:
-                hidden[job.key] = self._hidden(job.pair.descendant, job.desc_dir, trace, layers)
-            except Exception as exc:
-                job.error = exc
-        todo = [j for j in todo if j.error is None]
-        k, form, med = self.config.dominant_k, self._form(), self.config.rbf_median
-        with self.stage("metrics"):
-            for lay in layers:
-                variants = [("hidden", "")] + (
-                    [("prenorm", "prenorm ")] if lay == num_layers else []
-                )
-                per_job: dict[str, dict[str, Any]] = {}
-                for kind, label in variants:
-                    where = f"{label}layer {lay}, trace {trace.id}"
-                    side = prepare_base_layer(
-                        hb[f"{kind}.{lay}"], name=f"{base.key} {where}", k=k, form=form
-                    )
-                    for job in todo:
-                        if job.error is not None:
-                            continue
-                        try:
-                            entry = score_layer(
-                                side,
-                                hidden[job.key][f"{kind}.{lay}"],
-                                k=k,
-                                name=f"{job.pair.descendant.key} {where}",
-                                rbf_median=med,  # type: ignore[arg-type]
-                                form=form,
-                            )
-                        except Exception as exc:
-                            job.error = exc
-                            continue
-                        if kind == "hidden":
-                            per_job[job.key] = entry
-                        else:
-                            for m in ("linear", "rbf", "linear_without_dominant"):
-                                per_job[job.key]["metrics"][f"{m}_prenorm"] = entry["metrics"][m]
-                    del side
-                for job in todo:
-                    if job.error is None:
-                        entry = per_job[job.key]
-                        key = layer_key(job.key, trace.id, lay)
-                        stored = cache.get_or_compute(key, lambda e=entry: e)
-                        job.entries.setdefault(trace.id, {})[lay] = stored
-                        self.stats.metrics_computed += 1
-        del hidden, hb
-
-    def _form(self) -> Form:
-        """N x N Gram matrices on a GPU (shared base kernels); today's auto form on CPU."""
-        return "gram" if self.device.startswith("cuda") else "auto"
-
-    def _hidden(
-        self, spec: ModelSpec, path: Path, trace: Trace, layers: list[int]
-    ) -> dict[str, Any]:
-        """One model's hidden states for one trace, on the device (model dtype).
-
-        From one forward, or with ``keep_activations`` through the activation cache
-        (float32 on disk, moved back to the device).
-        """
-        from .activations import FORWARD_COUNTER, extract_activations
-
-        def forward(on_device: bool) -> dict[str, Any]:
-            model = self._model(spec, path)  # timed as "load"
-            before = FORWARD_COUNTER.count
-            with self.stage("forwards"):
-                out = dict(
-                    extract_activations(
-                        model, list(trace.token_ids), layers=layers, on_device=on_device
-                    )
-                )
-            self.forwards += FORWARD_COUNTER.count - before
-            self.stats.activations_computed += 1
-            return out
-
-        if not self.config.keep_activations:
-            return forward(on_device=True)
-        from .cache import EXTRACTION_VERSION
-
-        ids_hash = hashlib.sha256(json.dumps(list(trace.token_ids)).encode()).hexdigest()
-        meta = {
-            "model": self.fingerprint(path),
-            "trace": ids_hash,
-            "dtype": self.dtype_for(path),
-            "max_tokens": str(self.config.max_tokens),
-            "extraction_version": str(EXTRACTION_VERSION),
-            "layers": ",".join(map(str, layers)),
-        }
-        computed = False
-
-        def compute() -> dict[str, Any]:
-            nonlocal computed
-            computed = True
-            return forward(on_device=False)
-
-        cache = self._activation_cache()
-        with self.stage("activation cache"):
-            acts = cache.get_or_compute(cache_key(**meta), meta, compute)
-        self._note_cache_state(cache)
-        if not computed:
-            self.stats.activations_loaded += 1
-        return {name: t.to(self.device) for name, t in acts.items()}
-
-    def _finish(self, jobs: list[_Job]) -> None:
-        """Write each finished job's manifest (last: it marks the pair complete)."""
-        cache = self._json_cache("metrics")
-        for job in jobs:
-            if job.error is not None:
-                self._pass_errors[job.key] = job.error
-                continue
-            assert job.traces is not None
-            manifest = {"traces": [t.id for t in job.traces.traces], "notes": job.notes}
-            stored = cache.get_or_compute(
-                cache_key(kind="manifest", pair=job.key), lambda m=manifest: m
-            )
-            self._entries[job.key] = (stored, job.entries)
-        self._note_cache_state(cache)
+                except Exception:
+                    continue
+            out.append(job)
+        return out
 
 
 # ---------------------------------------------------------------------- helpers
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _num_layers(cfg: dict[str, Any]) -> int:
-    return int(cfg.get("num_hidden_layers", cfg.get("n_layer", 0)))
-
-
-def read_config(path: Path, name: str) -> dict[str, Any]:
-    """A checkpoint's config.json, ``text_config`` merged in (multimodal configs)."""
-    from .models import read_config as read
-
-    data = read(path, name=name)
-    inner = data.get("text_config")
-    return {**data, **inner} if isinstance(inner, dict) else data
-
-
 def resolve_trace_path(spec: str | Path, toy_root: Path, which: str = "a") -> Path:
     """A trace-set file: ``"toy"`` builds (once) and returns the toy set ``which``."""
     if str(spec) == "toy":

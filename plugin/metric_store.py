@@ -16,6 +16,7 @@ from typing import Any
 from .metrics.defaults import RBF_MEDIAN
 from .records import CkaRecord, MassiveRecord, PairResult
 from .registry import PairSpec
+from .runlog import RunLog
 
 
 class _Miss(Exception):
@@ -113,3 +114,73 @@ def rbf_median_key(convention: str) -> dict[str, str]:
     any other convention keys its own entries.
     """
     return {} if convention == RBF_MEDIAN else {"rbf_median": convention}
+
+
+Entries = dict[str, dict[int, dict[str, Any]]]  # trace id -> layer -> cache entry
+Found = tuple[dict[str, Any], Entries]  # (manifest, entries) of one pair on one trace set
+
+
+class MetricStore:
+    """The metric cache of one engine: entries, manifests, the in-process memo, counters.
+
+    A pair on a trace set is complete when its manifest is there (written last) and every
+    (trace, layer) entry it names is; :meth:`known` answers from memory or the cache.
+    """
+
+    def __init__(self, cache_dir: Path, log: RunLog) -> None:
+        self.cache_dir = cache_dir
+        self.log = log
+        self._cache: Any = None
+        self._found: dict[str, Found] = {}
+
+    @property
+    def cache(self) -> Any:
+        if self._cache is None:
+            from .cache import JsonCache
+
+            self._cache = JsonCache(self.cache_dir, "metrics")
+        return self._cache
+
+    def known(self, key: str, layers: list[int]) -> Found | None:
+        """(manifest, entries[trace][layer]) from this process or the cache, else None."""
+        if key in self._found:
+            return self._found[key]
+        with self.log.stage("metric cache"):
+            manifest = peek(self.cache, cache_key(kind="manifest", pair=key))
+            if manifest is None:
+                return None
+            entries: Entries = {}
+            for tid in manifest["traces"]:
+                entries[tid] = {}
+                for lay in layers:
+                    entry = peek(self.cache, layer_key(key, tid, lay))
+                    if entry is None:
+                        return None
+                    entries[tid][lay] = entry
+        self.log.cache_state(self.cache)
+        self.log.stats.metrics_loaded += sum(len(e) for e in entries.values())
+        self._found[key] = (manifest, entries)
+        return self._found[key]
+
+    def trace_entries(self, key: str, trace_id: str, layers: list[int]) -> dict[int, Any] | None:
+        """Every layer's entry of one trace when all are cached, else None."""
+        have = {lay: peek(self.cache, layer_key(key, trace_id, lay)) for lay in layers}
+        if any(e is None for e in have.values()):
+            return None
+        self.log.stats.metrics_loaded += len(have)
+        return have
+
+    def put(self, key: str, trace_id: str, layer: int, entry: dict[str, Any]) -> Any:
+        """Store one computed entry; returns what the cache holds (first writer wins)."""
+        stored = self.cache.get_or_compute(layer_key(key, trace_id, layer), lambda: entry)
+        self.log.stats.metrics_computed += 1
+        return stored
+
+    def complete(self, key: str, manifest: dict[str, Any], entries: Entries) -> Found:
+        """Write the pair's manifest (last: it marks the pair complete) and memoize it."""
+        stored = self.cache.get_or_compute(cache_key(kind="manifest", pair=key), lambda: manifest)
+        self._found[key] = (stored, entries)
+        return self._found[key]
+
+    def note_state(self) -> None:
+        self.log.cache_state(self.cache)

@@ -23,6 +23,7 @@ import torch
 from .dtypes import resolve_dtype
 from .errors import ArchitectureMismatch, ModelLoadError, ModelUnavailable
 from .fingerprint import fingerprint
+from .records import LAYER_KEYS
 
 if TYPE_CHECKING:
     from .registry import ModelSpec
@@ -63,7 +64,7 @@ _TOKENIZER_FILES = (
     "vocab.json",
 )
 # Config keys for layer count and width across architectures (first present wins).
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_LAYER_KEYS = LAYER_KEYS
 _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 _VOCAB_KEYS = ("vocab_size",)
 

@@ -10,13 +10,28 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .metrics.defaults import BATHTUB_BAND, BATHTUB_DELTA, RBF_MEDIAN, RBF_MEDIANS, SFT_RL_RATIO
+from .metrics.defaults import (
+    BATHTUB_BAND,
+    BATHTUB_DELTA,
+    BOOTSTRAP,
+    CURVE_ATOL,
+    CURVE_RTOL,
+    DOMINANT_K,
+    FINAL_LAYER_MARGIN,
+    INVARIANCE_ATOL,
+    LOCALIZATION_MAX_GINI,
+    LOCALIZATION_MAX_SHARE,
+    MAX_TOKENS,
+    RBF_MEDIAN,
+    RBF_MEDIANS,
+    SFT_RL_RATIO,
+)
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -123,337 +138,253 @@ def _threads(text: str) -> int | None:
     return _pos_int(text)
 
 
-#: All options, in help order. Defaults here are the documented ones (shown in --help).
-OPTIONS: tuple[_Opt, ...] = (
-    _Opt(
-        "--model-group",
-        "model_group",
-        "model group from the registry to compare",
-        "toy",
-        ini=True,
-        metavar="NAME",
-    ),
-    _Opt(
+def _opt(
+    flag: str,
+    help: str,
+    default: Any = None,
+    parse: Callable[[str], Any] = str,
+    *,
+    ini: bool = False,
+    metavar: str | None = None,
+) -> Any:
+    """A :class:`DiffOptions` field that is also a command-line option (and ini key)."""
+    meta = _Opt(flag, "", help, default, parse, ini, metavar)
+    return field(default=default, metadata={"option": meta})
+
+
+def _flag(flag: str, help: str) -> Any:
+    """A :class:`DiffOptions` field that is a store-true command-line flag (default False)."""
+    return field(default=False, metadata={"flag": (flag, help)})
+
+
+@dataclass(frozen=True)
+class DiffOptions:
+    """Every option value, parsed and validated; one per pytest process.
+
+    The one table of the options: each field gives its flag, help, default, parser and
+    ini key (:func:`_opt`, :func:`_flag`); :data:`OPTIONS` and :data:`_FLAGS` are read
+    off it, in this (help) order. Defaults shared with the Python API come from
+    :mod:`reasondiff.metrics.defaults`.
+    """
+
+    model_group: str = _opt(
+        "--model-group", "model group from the registry to compare", "toy", ini=True, metavar="NAME"
+    )
+    registry: tuple[str, ...] = _opt(
         "--registry",
-        "registry",
         "extra registry TOML file on top of the built-in one (repeatable)",
+        (),
         metavar="PATH",
-    ),
-    _Opt(
+    )
+    base: str | None = _opt(
         "--base",
-        "base",
         "ad-hoc base model (hub id, local dir or toy:<recipe>); needs --candidate",
         metavar="SPEC",
-    ),
-    _Opt("--candidate", "candidate", "ad-hoc descendant to compare with --base", metavar="SPEC"),
-    _Opt(
-        "--label",
-        "label",
-        "name of an ad-hoc candidate series: keys its curve snapshots",
-        metavar="NAME",
-    ),
-    _Opt(
-        "--method",
-        "method",
-        "training method of the ad-hoc candidate: SFT, RL or SFT+RL",
-        metavar="METHOD",
-    ),
-    _Opt(
+    )
+    candidate: str | None = _opt(
+        "--candidate", "ad-hoc descendant to compare with --base", metavar="SPEC"
+    )
+    label: str | None = _opt(
+        "--label", "name of an ad-hoc candidate series: keys its curve snapshots", metavar="NAME"
+    )
+    method: str | None = _opt(
+        "--method", "training method of the ad-hoc candidate: SFT, RL or SFT+RL", metavar="METHOD"
+    )
+    traces: str | None = _opt(
         "--traces",
-        "traces",
         "primary trace set (JSONL, or toy); default: the group's traces, the toy set 'a' for toy models only",
         ini=True,
         metavar="PATH",
-    ),
-    _Opt(
+    )
+    traces_alt: str | None = _opt(
         "--traces-alt",
-        "traces_alt",
         "second trace set for trace invariance (toy default: set 'b')",
         ini=True,
         metavar="PATH",
-    ),
-    _Opt(
+    )
+    max_tokens: int = _opt(
         "--max-tokens",
-        "max_tokens",
         "truncate traces longer than this, with a note",
-        4096,
+        MAX_TOKENS,
         _pos_int,
         ini=True,
         metavar="N",
-    ),
-    _Opt(
+    )
+    layers: tuple[int, ...] | None = _opt(
         "--layers",
-        "layers",
         "compare only these hidden-state layers, e.g. 0,4,8-12 (default all)",
         None,
         parse_layers,
         metavar="LIST",
-    ),
-    _Opt(
+    )
+    pass_size: int | None = _opt(
         "--pass-size",
-        "pass_size",
         "descendants scored together (resident beside the base) in one pass, at most "
         "(default: as many as fit in 80%% of the free device memory)",
         None,
         _pos_int,
         ini=True,
         metavar="N",
-    ),
-    _Opt(
-        "--device",
-        "device",
-        "auto | cpu | cuda (auto: cuda if available)",
-        "auto",
-        ini=True,
-        metavar="DEV",
-    ),
-    _Opt(
+    )
+    device: str = _opt(
+        "--device", "auto | cpu | cuda (auto: cuda if available)", "auto", ini=True, metavar="DEV"
+    )
+    dtype: str = _opt(
         "--dtype",
-        "dtype",
         "auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype on CUDA, float32 on CPU)",
         "auto",
         ini=True,
         metavar="DTYPE",
-    ),
-    _Opt(
+    )
+    torch_threads: int | None = _opt(
         "--torch-threads",
-        "torch_threads",
         "torch CPU threads: N, or auto (default: cores / workers under xdist, else torch's own)",
         None,
         _threads,
         ini=True,
         metavar="N",
-    ),
-    _Opt(
+    )
+    diff_cache: str | None = _opt(
         "--diff-cache",
-        "diff_cache",
         "activation / metric cache dir (default $REASONDIFF_CACHE or ~/.cache/reasondiff)",
         None,
         ini=True,
         metavar="DIR",
-    ),
-    _Opt(
+    )
+    diff_cache_cap: int | None = _opt(
         "--diff-cache-cap",
-        "diff_cache_cap",
         "size cap of the activation cache, e.g. 50G (default: no cap)",
         None,
         parse_bytes,
         ini=True,
         metavar="SIZE",
-    ),
-    _Opt(
-        "--report-dir",
-        "report_dir",
-        "write the results bundle and figures here at session end",
-        metavar="DIR",
-    ),
-    _Opt(
+    )
+    report_dir: str | None = _opt(
+        "--report-dir", "write the results bundle and figures here at session end", metavar="DIR"
+    )
+    snapshot_dir: str | None = _opt(
         "--snapshot-dir",
-        "snapshot_dir",
         "curve snapshots live under DIR/<group or labels/LABEL>/ "
         "(default: snapshots/ next to the finding tests)",
         ini=True,
         metavar="DIR",
-    ),
-    _Opt(
-        "--from-results",
-        "from_results",
-        "replay a results bundle instead of loading models",
-        metavar="DIR",
-    ),
-    _Opt(
+    )
+    from_results: str | None = _opt(
+        "--from-results", "replay a results bundle instead of loading models", metavar="DIR"
+    )
+    bathtub_delta: float = _opt(
         "--bathtub-delta",
-        "bathtub_delta",
         f"bathtub: minimum drop of the dip below both its sides (default {BATHTUB_DELTA:g})",
         BATHTUB_DELTA,
         _nonneg_float,
         ini=True,
         metavar="X",
-    ),
-    _Opt(
+    )
+    bathtub_band: tuple[float, float] = _opt(
         "--bathtub-band",
-        "bathtub_band",
         "bathtub: depth band the dip's bottom must lie in, as fractions of L "
         f"(default {BATHTUB_BAND[0]:g},{BATHTUB_BAND[1]:g})",
         BATHTUB_BAND,
         _parse_band,
         ini=True,
         metavar="LO,HI",
-    ),
-    _Opt(
+    )
+    final_layer_margin: float = _opt(
         "--final-layer-margin",
-        "final_layer_margin",
-        "final layer lowest: margin below the runner-up (default 1e-6)",
-        1e-6,
+        f"final layer lowest: margin below the runner-up (default {FINAL_LAYER_MARGIN:g})",
+        FINAL_LAYER_MARGIN,
         _nonneg_float,
         ini=True,
         metavar="X",
-    ),
-    _Opt(
+    )
+    localization_max_gini: float = _opt(
         "--localization-max-gini",
-        "localization_max_gini",
-        "weight change distributed: max Gini over layers (default 0.5)",
-        0.5,
+        f"weight change distributed: max Gini over layers (default {LOCALIZATION_MAX_GINI})",
+        LOCALIZATION_MAX_GINI,
         _nonneg_float,
         ini=True,
         metavar="X",
-    ),
-    _Opt(
+    )
+    localization_max_share: float = _opt(
         "--localization-max-share",
-        "localization_max_share",
-        "weight change distributed: max layer share / uniform share (default 3.0)",
-        3.0,
+        "weight change distributed: max layer share / uniform share "
+        f"(default {LOCALIZATION_MAX_SHARE})",
+        LOCALIZATION_MAX_SHARE,
         _nonneg_float,
         ini=True,
         metavar="X",
-    ),
-    _Opt(
+    )
+    sft_rl_ratio: float = _opt(
         "--sft-rl-ratio",
-        "sft_rl_ratio",
         f"SFT vs RL: every SFT median over every RL median, at least (default {SFT_RL_RATIO:g})",
         SFT_RL_RATIO,
         _pos_float,
         ini=True,
         metavar="X",
-    ),
-    _Opt(
+    )
+    rbf_median: str = _opt(
         "--rbf-median",
-        "rbf_median",
         f"RBF bandwidth median: offdiag, or all (the reference's, diagonal zeros included) "
         f"(default {RBF_MEDIAN})",
         RBF_MEDIAN,
         _rbf_median,
         ini=True,
         metavar="CONV",
-    ),
-    _Opt(
+    )
+    invariance_atol: float = _opt(
         "--invariance-atol",
-        "invariance_atol",
-        "trace invariance: max |curve difference| per layer (default 0.05)",
-        0.05,
+        f"trace invariance: max |curve difference| per layer (default {INVARIANCE_ATOL})",
+        INVARIANCE_ATOL,
         _nonneg_float,
         ini=True,
         metavar="X",
-    ),
-    _Opt(
+    )
+    dominant_k: int = _opt(
         "--dominant-k",
-        "dominant_k",
-        "dominant datapoints: top-k tokens per side (default 10)",
-        10,
+        f"dominant datapoints: top-k tokens per side (default {DOMINANT_K})",
+        DOMINANT_K,
         _pos_int,
         ini=True,
         metavar="K",
-    ),
-    _Opt(
+    )
+    bootstrap: int = _opt(
         "--bootstrap",
-        "bootstrap",
-        "bootstrap resamples for curve intervals over traces (default 1000)",
-        1000,
+        f"bootstrap resamples for curve intervals over traces (default {BOOTSTRAP})",
+        BOOTSTRAP,
         _pos_int,
         ini=True,
         metavar="N",
-    ),
-    _Opt(
+    )
+    curve_atol: float = _opt(
         "--curve-atol",
-        "curve_atol",
-        "curve snapshots: absolute tolerance per layer (default 0.02)",
-        0.02,
+        f"curve snapshots: absolute tolerance per layer (default {CURVE_ATOL})",
+        CURVE_ATOL,
         _nonneg_float,
         ini=True,
         metavar="X",
-    ),
-    _Opt(
+    )
+    curve_rtol: float = _opt(
         "--curve-rtol",
-        "curve_rtol",
-        "curve snapshots: relative tolerance per layer (default 0.0)",
-        0.0,
+        f"curve snapshots: relative tolerance per layer (default {CURVE_RTOL})",
+        CURVE_RTOL,
         _nonneg_float,
         ini=True,
         metavar="X",
-    ),
-)
-_FLAGS = (
-    (
-        "--require-models",
-        "require_models",
-        "fail (do not skip) when a registry model's weights are unavailable",
-    ),
-    (
-        "--allow-pickle",
-        "allow_pickle",
-        "allow loading pytorch_model.bin (pickle) checkpoints (weights_only)",
-    ),
-    (
-        "--trust-remote-code",
-        "trust_remote_code",
-        "allow checkpoints that need remote code (auto_map)",
-    ),
-    (
+    )
+    require_models: bool = _flag(
+        "--require-models", "fail (do not skip) when a registry model's weights are unavailable"
+    )
+    allow_pickle: bool = _flag(
+        "--allow-pickle", "allow loading pytorch_model.bin (pickle) checkpoints (weights_only)"
+    )
+    trust_remote_code: bool = _flag(
+        "--trust-remote-code", "allow checkpoints that need remote code (auto_map)"
+    )
+    keep_activations: bool = _flag(
         "--keep-activations",
-        "keep_activations",
         "also store hidden states in the activation cache (N x D per layer and trace; "
         "default: only metric results are cached)",
-    ),
-)
-
-
-def add_options(parser: pytest.Parser) -> None:
-    """Register every option (and ini key) in the ``reasondiff`` help group."""
-    group = parser.getgroup("reasondiff", "reasondiff model diff")
-    for opt in OPTIONS:
-        kwargs: dict[str, Any] = {"dest": f"rd_{opt.dest}", "default": None, "help": opt.help}
-        if opt.metavar:
-            kwargs["metavar"] = opt.metavar
-        if opt.dest == "registry":
-            kwargs["action"] = "append"
-        group.addoption(opt.flag, **kwargs)
-        if opt.ini:
-            # argparse %-formats option help (hence "%%"); ini help is printed as it is
-            ini_help = opt.help.replace("%%", "%")
-            parser.addini(opt.dest, f"reasondiff: {ini_help}", type="string", default="")
-    for flag, dest, text in _FLAGS:
-        group.addoption(flag, dest=f"rd_{dest}", action="store_true", default=False, help=text)
-
-
-@dataclass(frozen=True)
-class DiffOptions:
-    """Every option value, parsed and validated; one per pytest process."""
-
-    model_group: str = "toy"
-    registry: tuple[str, ...] = ()
-    base: str | None = None
-    candidate: str | None = None
-    label: str | None = None
-    method: str | None = None
-    traces: str | None = None
-    traces_alt: str | None = None
-    max_tokens: int = 4096
-    layers: tuple[int, ...] | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    torch_threads: int | None = None
-    diff_cache: str | None = None
-    diff_cache_cap: int | None = None
-    report_dir: str | None = None
-    snapshot_dir: str | None = None
-    from_results: str | None = None
-    bathtub_delta: float = BATHTUB_DELTA
-    bathtub_band: tuple[float, float] = BATHTUB_BAND
-    final_layer_margin: float = 1e-6
-    localization_max_gini: float = 0.5
-    localization_max_share: float = 3.0
-    sft_rl_ratio: float = SFT_RL_RATIO
-    rbf_median: str = RBF_MEDIAN
-    invariance_atol: float = 0.05
-    dominant_k: int = 10
-    bootstrap: int = 1000
-    curve_atol: float = 0.02
-    curve_rtol: float = 0.0
-    require_models: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    keep_activations: bool = False
-    pass_size: int | None = None
+    )
     model_group_given: bool = field(default=False, compare=False)
 
     @property
@@ -476,6 +407,38 @@ class DiffOptions:
         d["bathtub_band"] = list(self.bathtub_band)
         d["registry"] = list(self.registry)
         return d
+
+
+#: All options, in help order, read off :class:`DiffOptions` (defaults shown in --help).
+OPTIONS: tuple[_Opt, ...] = tuple(
+    replace(f.metadata["option"], dest=f.name)
+    for f in fields(DiffOptions)
+    if "option" in f.metadata
+)
+#: The store-true flags: (flag, dest, help).
+_FLAGS: tuple[tuple[str, str, str], ...] = tuple(
+    (f.metadata["flag"][0], f.name, f.metadata["flag"][1])
+    for f in fields(DiffOptions)
+    if "flag" in f.metadata
+)
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register every option (and ini key) in the ``reasondiff`` help group."""
+    group = parser.getgroup("reasondiff", "reasondiff model diff")
+    for opt in OPTIONS:
+        kwargs: dict[str, Any] = {"dest": f"rd_{opt.dest}", "default": None, "help": opt.help}
+        if opt.metavar:
+            kwargs["metavar"] = opt.metavar
+        if opt.dest == "registry":
+            kwargs["action"] = "append"
+        group.addoption(opt.flag, **kwargs)
+        if opt.ini:
+            # argparse %-formats option help (hence "%%"); ini help is printed as it is
+            ini_help = opt.help.replace("%%", "%")
+            parser.addini(opt.dest, f"reasondiff: {ini_help}", type="string", default="")
+    for flag, dest, text in _FLAGS:
+        group.addoption(flag, dest=f"rd_{dest}", action="store_true", default=False, help=text)
 
 
 def _raw_value(config: pytest.Config, opt: _Opt) -> tuple[str | None, str]:
@@ -529,14 +492,17 @@ def _anchored_dir(config: pytest.Config, text: str, *, from_ini: bool) -> str:
 
 
 def _check_choices(opts: DiffOptions) -> None:
-    from .registry import METHODS
+    from .errors import RegistryError
+    from .methods import check_method
 
     if opts.device not in DEVICES:
         raise pytest.UsageError(f"--device {opts.device!r} is not one of: {', '.join(DEVICES)}")
     if opts.dtype not in DTYPES:
         raise pytest.UsageError(f"--dtype {opts.dtype!r} is not one of: {', '.join(DTYPES)}")
-    if opts.method is not None and opts.method not in METHODS:
-        raise pytest.UsageError(f"--method {opts.method!r} is not one of: {', '.join(METHODS)}")
+    try:
+        check_method(opts.method, what="--method")
+    except RegistryError as exc:
+        raise pytest.UsageError(str(exc)) from None
     if (opts.base is None) != (opts.candidate is None):
         raise pytest.UsageError("--base and --candidate go together: give both or neither")
     if opts.adhoc and opts.model_group_given:

@@ -7,7 +7,7 @@ Everything here is JSON/CSV friendly (ints, floats, strings, tuples of ints).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,6 +50,34 @@ def trace_set_of(trace: str) -> str:
 def trace_sets_of(traces: Iterable[str]) -> list[str]:
     """Names of the trace sets of these trace ids, in first-seen order."""
     return list(dict.fromkeys(trace_set_of(t) for t in traces))
+
+
+#: Config keys of the decoder layer count across architectures (first present wins).
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def config_num_layers(config: Mapping[str, Any]) -> int:
+    """L, the number of decoder blocks, from a checkpoint config (0 when it names none)."""
+    for key in LAYER_KEYS:
+        if config.get(key) is not None:
+            return int(config[key])
+    return 0
+
+
+def num_blocks(weights: Iterable[WeightRecord]) -> int:
+    """Decoder blocks seen in weight records (blocks 0..L-1; tensors outside are -1)."""
+    return max((w.layer for w in weights if w.layer >= 0), default=-1) + 1
+
+
+def infer_num_layers(result: PairResult) -> int:
+    """L from a pair's rows when no config says it: the largest hidden-state layer of its
+    CKA rows (which always hold L), else the decoder blocks of its weight rows; 0 if neither.
+
+    The one inference of L from rows (the bundle reader's, for bundles without it).
+    """
+    if result.cka:
+        return max(c.layer for c in result.cka)
+    return num_blocks(result.weights)
 
 
 @dataclass(frozen=True)

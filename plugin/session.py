@@ -229,11 +229,12 @@ class DiffSession:
     # ------------------------------------------------------------------ traces
     def _trace_paths(self) -> list[Path]:
         """The primary trace set (and the alternative one) for this run."""
+        from .diskcheck import toy_root as toy_root_of
         from .engine import resolve_trace_path
         from .trace_choice import trace_specs
 
         primary_spec, alt_spec = trace_specs(self.options, self.registry, self.pairs)
-        toy_root = self.engine.toy_root
+        toy_root = toy_root_of(self.options.cache_dir())
         paths = [resolve_trace_path(primary_spec, toy_root, "a")]
         if alt_spec is not None:
             paths.append(resolve_trace_path(alt_spec, toy_root, "b"))

@@ -216,11 +216,13 @@ class _TextBuffer(io.StringIO):
 
 
 def cache_line(cache: CacheStats) -> str:
-    """The one grep-able cache line (its exact form is part of the interface)."""
+    """The one grep-able cache line (its exact form is part of the interface: fields are
+    only ever added at the end). On a warm run the metric cache is the one that matters."""
     return (
         f"reasondiff cache: activations {cache.activations_computed} computed, "
         f"{cache.activations_loaded} loaded; weight diffs {cache.weight_diffs_computed} "
-        f"computed, {cache.weight_diffs_loaded} loaded"
+        f"computed, {cache.weight_diffs_loaded} loaded; metrics {cache.metrics_computed} "
+        f"computed, {cache.metrics_loaded} loaded"
     )
 
 

@@ -187,3 +187,24 @@ def test_weight_records_of_two_pairs_are_refused() -> None:
     other = WeightRecord("b", "x", "t", 0, "c", (2, 2), 0.1, 0.1, 0.1)
     with pytest.raises(MetricInputError, match="pairs"):
         weight_layer_totals([*RECORDS, other])
+
+
+def test_aggregate_takes_its_statistics_from_stats_not_findings() -> None:
+    """The layering runs one way: aggregate -> stats, never aggregate -> findings."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, reasondiff.metrics.aggregate; "
+        "print('reasondiff.metrics.findings' in sys.modules, "
+        "'reasondiff.metrics.stats' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+
+
+def test_findings_re_exports_the_same_statistics() -> None:
+    from reasondiff.metrics import findings, stats
+
+    assert findings.bootstrap_interval is stats.bootstrap_interval
+    assert findings.mann_whitney_greater is stats.mann_whitney_greater

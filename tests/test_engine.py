@@ -225,9 +225,11 @@ def test_one_base_forward_per_trace_for_all_descendants_and_a_warm_rerun_loads_n
     before = activations.FORWARD_COUNTER.count
     again = warm.pair_result(pairs[0], pairs)
     assert activations.FORWARD_COUNTER.count == before
-    assert warm.forwards == 0 and "load" not in warm.stage_seconds and not warm._models
+    assert warm.forwards == 0 and "load" not in warm.stage_seconds and not warm.pool.loaded
     assert again.cka == first.cka
-    assert warm.stats.metrics_computed == 0 and warm.stats.metrics_loaded > 0
+    entries = len({(c.trace, c.layer) for c in first.cka})  # one per (trace, layer)
+    assert engine.stats.metrics_computed == len(pairs) * entries
+    assert warm.stats.metrics_computed == 0 and warm.stats.metrics_loaded == entries
 
 
 @pytest.mark.slow
@@ -280,17 +282,35 @@ def test_a_bad_sibling_does_not_fail_the_requested_pair(fresh_cache: Path, tmp_p
         engine.pair_result(bad, [*pairs, bad])
 
 
-def test_engine_config_maps_every_option() -> None:
+def test_engine_config_maps_every_option(tmp_path: Path) -> None:
+    """Every EngineConfig field comes from its option: each set to a non-default value."""
+    import dataclasses
+
     from reasondiff.options import DiffOptions
 
-    opts = DiffOptions(dtype="float32", layers=(1, 2), dominant_k=5, keep_activations=True)
+    values: dict[str, object] = {
+        "device": "cpu",
+        "dtype": "float32",
+        "max_tokens": 77,
+        "layers": (1, 2),
+        "dominant_k": 5,
+        "rbf_median": "all",
+        "keep_activations": True,
+        "diff_cache_cap": 1 << 20,
+        "torch_threads": 3,
+        "trust_remote_code": True,
+        "allow_pickle": True,
+        "pass_size": 2,
+    }
+    opts = DiffOptions(diff_cache=str(tmp_path / "c"), **values)  # type: ignore[arg-type]
     cfg = EngineConfig.from_options(opts)
-    assert (cfg.dtype, cfg.layers, cfg.dominant_k, cfg.keep_activations) == (
-        "float32",
-        (1, 2),
-        5,
-        True,
-    )
+    fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    assert fields == {"cache_dir", *values}, "a new EngineConfig field needs a row here"
+    default = EngineConfig(cache_dir=tmp_path)
+    for name, value in values.items():
+        assert getattr(default, name) != value, f"{name}: pick a non-default test value"
+        assert getattr(cfg, name) == value, name
+    assert cfg.cache_dir == opts.cache_dir() == tmp_path / "c"
 
 
 def test_fast_tokenizer_matches_auto_tokenizer_on_the_toy_tokenizer(toy_root: Path) -> None:
@@ -341,7 +361,7 @@ def test_a_pass_takes_only_the_descendants_that_fit_in_memory(
     engine = _engine(fresh_cache)
     one_model = engine.model_bytes(ensure_toy_model(fresh_cache / "toy", "base"))
     assert one_model > 0
-    monkeypatch.setattr(engine, "memory_budget", lambda: int(2.5 * one_model))
+    monkeypatch.setattr(engine.pool, "memory_budget", lambda: int(2.5 * one_model))
     engine.pair_result(pairs[0], pairs)
     traces = len(engine.sources()[0].trace_set.traces)
     assert engine.forwards == traces * 2  # base + the requested pair only
@@ -356,9 +376,59 @@ def test_pass_size_caps_the_claim(fresh_cache: Path) -> None:
     config = EngineConfig(cache_dir=fresh_cache, layers=(0, 5), pass_size=1)
     engine = Engine(config, trace_paths=[resolve_trace_path("toy", fresh_cache / "toy", "a")])
     src = engine.sources()[0]
-    claimed = engine._claim(pairs[0], pairs[1:], src, [0, 5, 10])
+    claimed = engine.scheduler.claim(
+        pairs[0], pairs[1:], lambda p: engine.pair_key(p, src), [0, 5, 10]
+    )
     try:
         assert [job.pair.pair_id for job, _ in claimed] == [pairs[0].pair_id]
     finally:
         for _, lock in claimed:
             lock.release()
+
+
+def test_the_hidden_state_source_is_one_pluggable_piece(fresh_cache: Path, tmp_path: Path) -> None:
+    """A source of its own (here: one that wraps the whole-model forwards and records what
+    it hands out) drives the pass layer by layer and gives the default source's rows."""
+    from reasondiff.engine import resolve_trace_path
+    from reasondiff.hidden_states import WholeModelForwards
+
+    _, pairs = _specs(["massive"])
+    full = resolve_trace_path("toy", fresh_cache / "toy", "a")
+    short = tmp_path / "two-traces.jsonl"  # header + 2 traces: two cheap cold runs
+    short.write_text("".join(full.read_text("utf-8").splitlines(keepends=True)[:3]), "utf-8")
+
+    seen: list[tuple[str, int, list[str], list[str]]] = []
+
+    class Recording:
+        def __init__(self, inner: WholeModelForwards) -> None:
+            self.inner = inner
+
+        def __call__(self, trace, models, layers, num_layers, errors):  # type: ignore[no-untyped-def]
+            for lay, states in self.inner(trace, models, layers, num_layers, errors):
+                seen.append((trace.id, lay, sorted(states), sorted(states["base"])))
+                yield lay, states
+
+    def engine(cache: Path, **kw: Any) -> Engine:
+        config = EngineConfig(cache_dir=cache, layers=(0, 5))
+        return Engine(config, trace_paths=[short], **kw)
+
+    default = engine(fresh_cache).pair_result(pairs[0], pairs)
+    other = tmp_path / "other"
+    shutil.copytree(fresh_cache / "toy", other / "toy", symlinks=True)
+    plugged_engine = engine(
+        other, hidden_source=lambda c, pool, log: Recording(WholeModelForwards(c, pool, log))
+    )
+    plugged = plugged_engine.pair_result(pairs[0], pairs)
+
+    traces = plugged_engine.sources()[0].trace_set.traces
+    assert len(traces) == 2
+    assert [(t, lay) for t, lay, _, _ in seen] == [
+        (t.id, lay) for t in traces for lay in (0, 5, 10)
+    ]
+    assert all("base" in keys and len(keys) == 2 for _, _, keys, _ in seen)  # base + 1
+    assert {lay: kinds for _, lay, _, kinds in seen} == {
+        0: ["hidden"],
+        5: ["hidden"],
+        10: ["hidden", "prenorm"],
+    }
+    assert plugged.cka and plugged.cka == default.cka and plugged.massive == default.massive

@@ -225,6 +225,26 @@ def test_bathtub_explained_combinations() -> None:
     assert not nothing.explained and "nothing to explain" in nothing.summary
 
 
+def test_nothing_to_explain_names_the_rule_that_failed() -> None:
+    """The summary gives the reason the bathtub rule gave, not a global-minimum rule."""
+    # A deep dip at layer 2 of 20 (outside the 15%-85% band) and a low final layer.
+    curve = [1.0] * 21
+    curve[2], curve[20] = 0.1, 0.0
+    outside = detect_bathtub(curve, list(range(21)))
+    assert not outside.present and outside.depth >= outside.delta and not outside.in_band
+    text = bathtub_explained(outside, outside).summary
+    assert "layer 2, lies outside the band" in text and "delta" not in text
+    assert "minimum" not in text
+    # A shallow dip inside the band.
+    shallow = detect_bathtub([1.0, 1.0, 1.0, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], LAYERS)
+    assert not shallow.present and shallow.in_band
+    text = bathtub_explained(shallow, shallow).summary
+    assert "depth 0.100 < delta 0.25" in text and "outside" not in text
+    # No dip at all.
+    flat = detect_bathtub([1.0] * 11, LAYERS)
+    assert "no dip" in bathtub_explained(flat, flat).summary
+
+
 # --------------------------------------------------------------------------- final layer
 def test_final_layer_lowest_reports_runner_up() -> None:
     r = final_layer_lowest([0.2, 1.0, 0.9, 0.95, 0.5], [0, 1, 2, 3, 4])

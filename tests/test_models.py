@@ -269,7 +269,12 @@ def test_fingerprint_uses_hub_blob_names_without_hashing(
         raise AssertionError(f"hashed {path}")
 
     monkeypatch.setattr(fp_mod, "_sha256_file", no_hashing)
-    assert models.fingerprint(snap) == models.fingerprint(snap)
+    first = models.fingerprint(snap)  # no file hashed: the blob names are the digests
+    again = install_in_hub_cache(qwen, tmp_path / "hub", "org/tiny", commit="b" * 40)
+    assert again != snap and models.fingerprint(again) == first  # same blobs, other commit
+    edited = make_qwen2(tmp_path / "edited", seed=3)
+    changed = install_in_hub_cache(edited, tmp_path / "hub2", "org/tiny", commit=COMMIT)
+    assert models.fingerprint(changed) != first  # other weights, other blob names
 
 
 def test_fingerprint_memo_file_spares_a_rehash(

@@ -198,7 +198,8 @@ def test_footer_lines_are_exact_and_never_wrapped() -> None:
     out = _render(data, color="no", width=60)
     lines = out.splitlines()
     assert (
-        "reasondiff cache: activations 12 computed, 0 loaded; weight diffs 7 computed, 0 loaded"
+        "reasondiff cache: activations 12 computed, 0 loaded; weight diffs 7 computed, 0 loaded;"
+        f" metrics {data.cache.metrics_computed} computed, {data.cache.metrics_loaded} loaded"
         in lines
     )
     assert (
@@ -318,8 +319,9 @@ def test_table_helpers() -> None:
     assert tables.dip_layer(None, curve, 5) == 2  # final layer 5 excluded
     assert tables.fmt(math.nan) == "—" and tables.fmt(3) == "3" and tables.fmt(0.01234) == "0.0123"
     assert stages_line({}) is None
-    assert cache_line(CacheStats(1, 2, 3, 4)) == (
-        "reasondiff cache: activations 1 computed, 2 loaded; weight diffs 3 computed, 4 loaded"
+    assert cache_line(CacheStats(1, 2, 3, 4, 5, 6)) == (
+        "reasondiff cache: activations 1 computed, 2 loaded; weight diffs 3 computed, 4 loaded;"
+        " metrics 5 computed, 6 loaded"
     )
 
 

@@ -28,9 +28,10 @@ from collections.abc import Iterable
 import numpy as np
 
 from ..errors import MetricInputError
-from ..records import CkaRecord, Curve, WeightRecord, trace_set_of
+from ..records import CkaRecord, Curve, WeightRecord, num_blocks, trace_set_of
 from ..records import trace_sets_of as _trace_sets_of
-from .findings import bootstrap_interval, localization
+from .defaults import BOOTSTRAP
+from .stats import bootstrap_interval, layer_shares
 
 __all__ = [
     "curves_from_rows",
@@ -60,13 +61,13 @@ def curves_from_rows(
     rows: Iterable[CkaRecord],
     *,
     trace_set: str | None = None,
-    n_boot: int = 1000,
+    n_boot: int = BOOTSTRAP,
     seed: int = 0,
 ) -> dict[str, Curve]:
     """Average per-trace CKA rows into one :class:`Curve` per metric.
 
     Per metric: a traces x layers table, its mean over traces and a percentile bootstrap
-    interval over traces (:func:`~reasondiff.metrics.findings.bootstrap_interval`, the
+    interval over traces (:func:`~reasondiff.metrics.stats.bootstrap_interval`, the
     same seed for every metric). Layers are sorted; every trace must have every layer
     of the metric (a hole would bias the mean toward the other traces), and a duplicate
     (trace, layer, metric) row is an error. ``trace_set`` keeps only rows of that set.
@@ -125,10 +126,6 @@ def _comparable(records: Iterable[WeightRecord]) -> list[WeightRecord]:
     return [r for r in recs if math.isfinite(r.normalized_diff)]
 
 
-def _num_layers(records: Iterable[WeightRecord]) -> int:
-    return max((r.layer for r in records if r.layer >= 0), default=-1) + 1
-
-
 def weight_layer_table(records: Iterable[WeightRecord]) -> dict[str, list[float]]:
     """``{component: [normalized diff at layer 0, 1, ...]}`` for decoder-block tensors.
 
@@ -139,7 +136,7 @@ def weight_layer_table(records: Iterable[WeightRecord]) -> dict[str, list[float]
     """
     recs = list(records)
     ok = [r for r in _comparable(recs) if r.layer >= 0]
-    n = _num_layers(recs)
+    n = num_blocks(recs)
     cells: dict[str, dict[int, list[float]]] = {}
     for r in ok:
         cells.setdefault(r.component, {}).setdefault(r.layer, []).append(r.normalized_diff)
@@ -158,7 +155,7 @@ def weight_layer_totals(records: Iterable[WeightRecord]) -> list[float]:
     layers seen in the records (layers without a comparable tensor count 0).
     """
     recs = list(records)
-    totals = [0.0] * _num_layers(recs)
+    totals = [0.0] * num_blocks(recs)
     for r in _comparable(recs):
         if r.layer >= 0:
             totals[r.layer] += r.normalized_diff
@@ -195,9 +192,9 @@ def weight_summary(records: Iterable[WeightRecord]) -> dict[str, float]:
             out["mean_relative_diff"] = float(np.mean(rel))
     totals = weight_layer_totals(recs)
     if totals and sum(totals) > 0:
-        loc = localization(totals)
-        out["gini"] = loc.gini
-        out["max_layer_share_ratio"] = loc.max_share_ratio
+        shares = layer_shares(np.asarray(totals, dtype=np.float64))
+        out["gini"] = shares.gini
+        out["max_layer_share_ratio"] = shares.max_share_ratio
     return out
 
 

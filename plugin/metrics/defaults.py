@@ -12,8 +12,23 @@ from __future__ import annotations
 BATHTUB_DELTA = 0.25
 #: bathtub: the dip's bottom must lie at bottom / L within this band (inclusive)
 BATHTUB_BAND = (0.15, 0.85)
+#: final layer lowest: margin below the runner-up
+FINAL_LAYER_MARGIN = 1e-6
+#: weight change distributed: max Gini coefficient over layers
+LOCALIZATION_MAX_GINI = 0.5
+#: weight change distributed: max (largest layer share / uniform share 1/L)
+LOCALIZATION_MAX_SHARE = 3.0
+#: trace invariance: max |curve difference| per layer
+INVARIANCE_ATOL = 0.05
+#: curve snapshots: absolute / relative tolerance per layer
+CURVE_ATOL = 0.02
+CURVE_RTOL = 0.0
 #: SFT vs RL: every SFT median must exceed every RL median by at least this ratio
 SFT_RL_RATIO = 2.0
+#: tokens per trace at most (longer traces are truncated, with a note)
+MAX_TOKENS = 4096
+#: top-k tokens per side whose union U is the dominant datapoints (METHODS §5)
+DOMINANT_K = 10
 #: bootstrap resamples (curve intervals over traces, medians over matrices)
 BOOTSTRAP = 1000
 #: RBF bandwidth median convention: "offdiag" (ours) or "all" (the reference's)

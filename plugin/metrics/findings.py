@@ -16,9 +16,11 @@ Public API
 - :func:`localization` (share of the weight change per layer) -> :class:`LocalizationResult`
 - :func:`sft_vs_rl` (per-descendant medians over matrices, ratio with bootstrap interval;
   RBF CKA and the pooled rank test reported beside it) -> :class:`SftVsRlResult`
-- :func:`mann_whitney_greater` (the descriptive rank test on its own) -> :class:`RankTestResult`
 - :func:`trace_invariance` (two curves agree within atol) -> :class:`InvarianceResult`
-- :func:`bootstrap_interval` (percentile bootstrap over traces) -> (mean, lo, hi)
+
+The statistics these verdicts use (:func:`bootstrap_interval`, :func:`mann_whitney_greater`,
+the median interval, the Gini coefficient) live in :mod:`reasondiff.metrics.stats`; the
+first two are re-exported here for callers of the old names.
 
 Bad input (an empty curve, NaN, mismatched lengths) raises
 :class:`reasondiff.errors.MetricInputError` naming the curve and the layer; a verdict is
@@ -28,7 +30,6 @@ the final layer L is the largest layer number in a curve unless ``num_layers`` s
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,9 +39,25 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..errors import MetricInputError
 from ..records import Curve
-from .defaults import BATHTUB_BAND, BATHTUB_DELTA, BOOTSTRAP, SFT_RL_RATIO
-
-FloatArray = NDArray[np.float64]
+from .defaults import (
+    BATHTUB_BAND,
+    BATHTUB_DELTA,
+    BOOTSTRAP,
+    FINAL_LAYER_MARGIN,
+    INVARIANCE_ATOL,
+    LOCALIZATION_MAX_GINI,
+    LOCALIZATION_MAX_SHARE,
+    SFT_RL_RATIO,
+)
+from .stats import (
+    FloatArray,
+    RankTestResult,
+    as_vector,
+    bootstrap_interval,
+    layer_shares,
+    mann_whitney_greater,
+    median_interval,
+)
 
 __all__ = [
     "BathtubResult",
@@ -65,24 +82,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- input checks
-def _as_vector(values: ArrayLike, name: str, layers: Sequence[int] | None = None) -> FloatArray:
-    """Validate a 1-D float curve; NaN/Inf is an error naming the layer it sits at."""
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 1:
-        raise MetricInputError(f"{name}: expected a 1-D curve, got shape {tuple(arr.shape)}")
-    if arr.size == 0:
-        raise MetricInputError(f"{name}: the curve is empty (no layers)")
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if bad.size:
-        i = int(bad[0])
-        where = f"layer {layers[i]}" if layers is not None else f"position {i}"
-        raise MetricInputError(
-            f"{name}: value at {where} is {arr[i]!r}; curves must be finite "
-            f"({bad.size} non-finite value(s) in total)"
-        )
-    return arr
-
-
 def _as_curve(
     values: ArrayLike, layers: Sequence[int], name: str
 ) -> tuple[FloatArray, NDArray[np.int64]]:
@@ -99,7 +98,7 @@ def _as_curve(
             f"{name}: layers must be strictly increasing, got layer {lay[i]} "
             f"followed by layer {lay[i + 1]}"
         )
-    return _as_vector(vals, name, [int(x) for x in lay]), lay
+    return as_vector(vals, name, [int(x) for x in lay]), lay
 
 
 def _pct(x: float) -> str:
@@ -341,6 +340,16 @@ class ExplainedResult:
     summary: str
 
 
+def _why_absent(r: BathtubResult) -> str:
+    """Why the judged dip is not a bathtub, by the rule :func:`detect_bathtub` applies."""
+    if r.depth <= 0:
+        return f"no dip: lowest {r.bottom_value:.3f} at layer {r.bottom}"
+    reasons = [] if r.in_band else [f"its bottom, layer {r.bottom}, lies outside the band"]
+    if r.depth < r.delta:
+        reasons.append(f"depth {r.depth:.3f} < delta {r.delta:g}")
+    return "; ".join(reasons) or f"depth {r.depth:.3f} at layer {r.bottom}"
+
+
 def bathtub_explained(linear: BathtubResult, without_dominant: BathtubResult) -> ExplainedResult:
     """Explained = a bathtub in linear CKA that is absent once the rows in U are removed.
 
@@ -348,10 +357,7 @@ def bathtub_explained(linear: BathtubResult, without_dominant: BathtubResult) ->
     """
     explained = linear.present and not without_dominant.present
     if not linear.present:
-        summary = (
-            f"nothing to explain: no bathtub in linear CKA (depth {linear.depth:.3f} "
-            f"< delta {linear.delta:g} or minimum outside the band)"
-        )
+        summary = f"nothing to explain: no bathtub in linear CKA ({_why_absent(linear)})"
     elif without_dominant.present:
         summary = (
             f"not explained: the bathtub (depth {linear.depth:.3f}) remains without the "
@@ -393,7 +399,7 @@ def final_layer_lowest(
     values: ArrayLike,
     layers: Sequence[int],
     *,
-    margin: float = 1e-6,
+    margin: float = FINAL_LAYER_MARGIN,
     variant: str = "post-norm",
 ) -> FinalLayerResult:
     """The last layer's CKA is below every other layer in 1..L by more than ``margin``.
@@ -479,21 +485,11 @@ class LocalizationResult:
     summary: str
 
 
-def _gini(x: FloatArray) -> float:
-    """Gini coefficient of non-negative values: 0 = even, (n-1)/n = all in one entry."""
-    n = x.size
-    if n == 0 or x.sum() == 0:
-        return 0.0
-    s = np.sort(x)
-    idx = np.arange(1, n + 1, dtype=np.float64)
-    return float((2.0 * np.sum(idx * s)) / (n * s.sum()) - (n + 1) / n)
-
-
 def localization(
     layer_totals: Sequence[float],
     *,
-    max_gini: float = 0.5,
-    max_share_ratio: float = 3.0,
+    max_gini: float = LOCALIZATION_MAX_GINI,
+    max_share_ratio: float = LOCALIZATION_MAX_SHARE,
 ) -> LocalizationResult:
     """Is the weight change distributed over layers (METHODS §8, "weight distributed")?
 
@@ -504,7 +500,7 @@ def localization(
     uniform share 1/L. Distributed when gini <= ``max_gini`` and the ratio <=
     ``max_share_ratio``; with no change at all it is undecidable (``distributed=None``).
     """
-    t = _as_vector(layer_totals, "per-layer weight-change totals", list(range(len(layer_totals))))
+    t = as_vector(layer_totals, "per-layer weight-change totals", list(range(len(layer_totals))))
     neg = np.flatnonzero(t < 0)
     if neg.size:
         i = int(neg[0])
@@ -527,22 +523,20 @@ def localization(
             max_share_ratio_limit=max_share_ratio,
             summary=f"no weight change: every one of {n} block total(s) is 0",
         )
-    shares = t / total
-    gini = _gini(t)
-    k = int(np.argmax(shares))
-    ratio = float(shares[k] * n)
-    distributed = bool(gini <= max_gini and ratio <= max_share_ratio)
+    sh = layer_shares(t)
+    k, g, ratio = sh.max_layer, sh.gini, sh.max_share_ratio
+    distributed = bool(g <= max_gini and ratio <= max_share_ratio)
     verdict = "distributed" if distributed else "localized"
     summary = (
-        f"weight change {verdict}: Gini {gini:.3f} ({'<=' if gini <= max_gini else '>'} "
-        f"{max_gini:g}) over {n} decoder blocks; largest share {shares[k]:.1%} at block {k} = "
+        f"weight change {verdict}: Gini {g:.3f} ({'<=' if g <= max_gini else '>'} "
+        f"{max_gini:g}) over {n} decoder blocks; largest share {sh.shares[k]:.1%} at block {k} = "
         f"{ratio:.2f}x uniform ({'<=' if ratio <= max_share_ratio else '>'} {max_share_ratio:g}x)"
     )
     return LocalizationResult(
         distributed=distributed,
-        shares=tuple(float(s) for s in shares),
-        gini=gini,
-        max_share=float(shares[k]),
+        shares=sh.shares,
+        gini=g,
+        max_share=sh.shares[k],
         max_layer=k,
         max_share_ratio=ratio,
         total=total,
@@ -553,62 +547,6 @@ def localization(
 
 
 # --------------------------------------------------------------------------- SFT vs RL
-@dataclass(frozen=True)
-class RankTestResult:
-    """One-sided Mann-Whitney U test of "x tends to exceed y"."""
-
-    u: float  # U statistic of x: #(x > y) + 0.5 #(x == y) over all pairs
-    z: float
-    p_value: float
-    effect: float  # rank-biserial correlation = Cliff's delta = 2U/(n_x n_y) - 1
-    n_x: int
-    n_y: int
-
-
-def _average_ranks(values: FloatArray) -> tuple[FloatArray, float]:
-    """Ranks 1..n with ties sharing their average rank, and sum(t^3 - t) over tie groups."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_vals = values[order]
-    ranks = np.empty(values.size, dtype=np.float64)
-    tie_term = 0.0
-    i = 0
-    while i < values.size:
-        j = i
-        while j + 1 < values.size and sorted_vals[j + 1] == sorted_vals[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        t = j - i + 1
-        tie_term += float(t**3 - t)
-        i = j + 1
-    return ranks, tie_term
-
-
-def mann_whitney_greater(x: Sequence[float], y: Sequence[float]) -> RankTestResult:
-    """One-sided Mann-Whitney U test (alternative: x stochastically greater than y).
-
-    Average ranks for ties; normal approximation with the tie-corrected variance
-    ``n_x n_y / 12 * ((n + 1) - sum(t^3 - t) / (n (n - 1)))`` and a 0.5 continuity
-    correction -- the same numbers as ``scipy.stats.mannwhitneyu(x, y,
-    alternative="greater", method="asymptotic")``. With zero variance (all values tied)
-    there is no evidence either way and p = 1.
-    """
-    xa = _as_vector(x, "rank test, first sample")
-    ya = _as_vector(y, "rank test, second sample")
-    nx, ny = xa.size, ya.size
-    n = nx + ny
-    ranks, tie_term = _average_ranks(np.concatenate([xa, ya]))
-    u = float(ranks[:nx].sum() - nx * (nx + 1) / 2.0)
-    mu = nx * ny / 2.0
-    var = nx * ny / 12.0 * ((n + 1) - tie_term / (n * (n - 1))) if n > 1 else 0.0
-    if var <= 0:
-        z, p = 0.0, 1.0
-    else:
-        z = (u - mu - 0.5) / math.sqrt(var)
-        p = 0.5 * math.erfc(z / math.sqrt(2.0))
-    effect = 2.0 * u / (nx * ny) - 1.0
-    return RankTestResult(u=u, z=z, p_value=p, effect=effect, n_x=nx, n_y=ny)
-
-
 @dataclass(frozen=True)
 class DescendantChange:
     """One descendant's weight change: the median normalized difference over its matrices.
@@ -665,16 +603,6 @@ class SftVsRlResult:
     summary: str
 
 
-def _median_interval(
-    x: FloatArray, *, n_boot: int, level: float, rng: np.random.Generator
-) -> tuple[float, float, FloatArray]:
-    """(lo, hi, draws): percentile bootstrap of the median over the entries of x."""
-    idx = rng.integers(0, x.size, size=(n_boot, x.size))
-    draws = np.median(x[idx], axis=1)
-    alpha = (1.0 - level) / 2.0
-    return float(np.quantile(draws, alpha)), float(np.quantile(draws, 1.0 - alpha)), draws
-
-
 def _ratio(a: FloatArray, b: FloatArray) -> FloatArray:
     """a / b elementwise; x / 0 = inf for x > 0 and 0 / 0 = 1 (both unchanged: equal)."""
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -716,9 +644,9 @@ def sft_vs_rl(
     pooled: dict[str, list[float]] = {"SFT": [], "RL": []}
     for method, side, rbf in (("SFT", sft, sft_rbf), ("RL", rl, rl_rbf)):
         for name in sorted(side):
-            x = _as_vector(side[name], f"normalized diffs of {method} descendant {name!r}")
+            x = as_vector(side[name], f"normalized diffs of {method} descendant {name!r}")
             rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
-            lo, hi, d = _median_interval(x, n_boot=n_boot, level=level, rng=rng)
+            lo, hi, d = median_interval(x, n_boot=n_boot, level=level, rng=rng)
             draws[name] = d
             pooled[method].extend(float(v) for v in x)
             rbf_of = None if rbf is None or name not in rbf else float(rbf[name])
@@ -833,14 +761,14 @@ def _curve_parts(curve: Curve | Sequence[float], name: str) -> tuple[list[int] |
     if isinstance(curve, Curve):
         vals, _ = _as_curve(curve.mean, curve.layers, f"{name} ({curve.metric})")
         return list(curve.layers), vals
-    return None, _as_vector(curve, name)
+    return None, as_vector(curve, name)
 
 
 def trace_invariance(
     curve_a: Curve | Sequence[float],
     curve_b: Curve | Sequence[float],
     *,
-    atol: float = 0.05,
+    atol: float = INVARIANCE_ATOL,
     names: tuple[str, str] = ("trace set A", "trace set B"),
 ) -> InvarianceResult:
     """Curves from two trace sets agree when max_l |a_l - b_l| <= ``atol``.
@@ -873,50 +801,3 @@ def trace_invariance(
         layers=tuple(int(x) for x in layers),
         summary=summary,
     )
-
-
-# --------------------------------------------------------------------------- bootstrap
-def bootstrap_interval(
-    per_trace: ArrayLike,
-    *,
-    n_boot: int = BOOTSTRAP,
-    level: float = 0.95,
-    seed: int = 0,
-    layers: Sequence[int] | None = None,
-) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Mean over traces and a percentile bootstrap interval, per layer.
-
-    ``per_trace`` is T x L (one row per trace). Each draw resamples whole traces with
-    replacement -- the same traces for every layer, so the interval respects that one
-    trace's layers move together. Deterministic for a given ``seed``. With T = 1 there is
-    nothing to resample and lo = hi = mean. ``layers`` only names columns in errors.
-    """
-    arr = np.asarray(per_trace, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise MetricInputError(
-            f"bootstrap: expected a non-empty traces x layers array, got shape {tuple(arr.shape)}"
-        )
-    bad = np.argwhere(~np.isfinite(arr))
-    if bad.size:
-        t, c = (int(i) for i in bad[0])
-        layer = layers[c] if layers is not None else c
-        raise MetricInputError(
-            f"bootstrap: value for trace #{t} at layer {layer} is {arr[t, c]!r}; values must be finite"
-        )
-    if not 0.0 < level < 1.0:
-        raise MetricInputError(f"bootstrap: level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise MetricInputError(f"bootstrap: n_boot must be >= 1, got {n_boot}")
-    mean = arr.mean(axis=0)
-    n_traces = arr.shape[0]
-    if n_traces == 1:
-        return mean, mean.copy(), mean.copy()
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n_traces, size=(n_boot, n_traces))
-    draws = arr[idx].mean(axis=1)  # n_boot x L
-    alpha = (1.0 - level) / 2.0
-    lo = np.quantile(draws, alpha, axis=0)
-    hi = np.quantile(draws, 1.0 - alpha, axis=0)
-    # Clip so that lo <= mean <= hi always holds (a constant column would otherwise
-    # differ from its mean in the last bit; reports draw the mean inside the band).
-    return mean, np.minimum(lo, mean), np.maximum(hi, mean)

@@ -29,7 +29,7 @@ TOY_IDS = [
         (["--dtype", "int8"], "--dtype 'int8' is not one of: auto, float32, bfloat16, float16"),
         (
             ["--base", "toy:base", "--candidate", "toy:copy", "--method", "DPO"],
-            "--method 'DPO' is not one of: SFT, RL, SFT+RL",
+            "--method 'DPO' is not one of SFT, RL, SFT+RL",
         ),
         (["--base", "toy:base"], "--base and --candidate go together"),
         (["--label", "x"], "--label and --method describe an ad-hoc pair"),
