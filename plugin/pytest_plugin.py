@@ -80,6 +80,8 @@ def pytest_configure(config: pytest.Config) -> None:
         session = DiffSession.create(
             options, worker=worker_id(config), worker_count=worker_count(config), bundle=bundle
         )
+        if bundle is not None:
+            session.notes.extend(bundle.notes)
         if not options.from_results and not config.option.collectonly:
             trace_specs(options, session.registry, session.pairs)  # real models need --traces
         if options.report_dir and worker_id(config) is None and not config.option.collectonly:

@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from syrupy.data import SnapshotCollections
 from syrupy.extensions.json import JSONSnapshotExtension
 
-from .bundle import atomic_write_text
+from .bundle_writer import atomic_write_text
 from .records import Curve
 from .registry import slug
 

@@ -36,9 +36,16 @@ def _result(desc: str, curve: list[float]) -> PairResult:
     ]
     weights = [
         WeightRecord(
-            "toy-base", desc, f"model.layers.{i}.mlp.up_proj.weight", i, "mlp.up_proj.weight",
-            (4, 4), 0.1 + 0.01 * i, 0.1, 0.01,
-        )  # fmt: skip
+            "toy-base",
+            desc,
+            f"model.layers.{i}.mlp.up_proj.weight",
+            i,
+            "mlp.up_proj.weight",
+            (4, 4),
+            0.1 + 0.01 * i,
+            0.1,
+            0.01,
+        )
         for i in range(4)
     ]
     return PairResult(info=info, weights=weights, cka=cka, trace_sets=["toy"])
