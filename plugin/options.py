@@ -118,9 +118,25 @@ def _pos_int(text: str) -> int:
 
 
 def _threads(text: str) -> int | None:
+    """``auto`` or 1..4 x the CPU count (torch segfaults at exit on 100000 threads)."""
     if text.strip().lower() == "auto":
         return None
-    return _pos_int(text)
+    from .preflight import PreflightError, check_threads
+
+    try:
+        return check_threads(_pos_int(text), where=repr(text))
+    except PreflightError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _max_tokens(text: str) -> int:
+    """The one --max-tokens rule (:func:`reasondiff.preflight.check_max_tokens`)."""
+    from .preflight import PreflightError, check_max_tokens
+
+    try:
+        return check_max_tokens(int(text), where=repr(text))
+    except PreflightError as exc:
+        raise ValueError(str(exc)) from None
 
 
 #: All options, in help order. Defaults here are the documented ones (shown in --help).
@@ -175,9 +191,9 @@ OPTIONS: tuple[_Opt, ...] = (
     _Opt(
         "--max-tokens",
         "max_tokens",
-        "truncate traces longer than this, with a note",
+        "truncate traces longer than this, with a note (at least 4)",
         4096,
-        _pos_int,
+        _max_tokens,
         ini=True,
         metavar="N",
     ),
@@ -218,7 +234,8 @@ OPTIONS: tuple[_Opt, ...] = (
     _Opt(
         "--torch-threads",
         "torch_threads",
-        "torch CPU threads: N, or auto (default: cores / workers under xdist, else torch's own)",
+        "torch CPU threads: N (1 to 4 x the CPU cores), or auto (default: cores / workers "
+        "under xdist, else torch's own)",
         None,
         _threads,
         ini=True,
@@ -235,7 +252,7 @@ OPTIONS: tuple[_Opt, ...] = (
     _Opt(
         "--diff-cache-cap",
         "diff_cache_cap",
-        "size cap of the activation cache, e.g. 50G (default: no cap)",
+        "size cap of the activation cache, e.g. 50G; 0 or none: no cap (the default)",
         None,
         parse_bytes,
         ini=True,
@@ -258,7 +275,7 @@ OPTIONS: tuple[_Opt, ...] = (
     _Opt(
         "--from-results",
         "from_results",
-        "replay a results bundle instead of loading models",
+        "replay a results bundle (its directory, not a file in it) instead of loading models",
         metavar="DIR",
     ),
     _Opt(
@@ -509,6 +526,11 @@ def options_from_config(config: pytest.Config) -> DiffOptions:
             values["model_group_given"] = True
         if opt.dest == "snapshot_dir":
             values["snapshot_dir"] = _anchored_dir(config, text, from_ini=where != opt.flag)
+            if Path(values["snapshot_dir"]).exists() and not Path(values["snapshot_dir"]).is_dir():
+                raise pytest.UsageError(
+                    f"{where}: {values['snapshot_dir']} is a file, not a directory; the curve "
+                    "snapshots live in a folder (give a new or existing directory)"
+                )
     for _flag, dest, _text in _FLAGS:
         values[dest] = bool(config.getoption(f"rd_{dest}"))
     opts = DiffOptions(**values)

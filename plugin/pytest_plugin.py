@@ -39,6 +39,7 @@ from .xdist_support import (
 )
 
 SESSION_KEY = pytest.StashKey[DiffSession]()
+_PREFLIGHT_KEY = pytest.StashKey[list[str]]()
 _WORKER_OUTPUT_KEY = "reasondiff"
 
 
@@ -73,22 +74,42 @@ def pytest_configure(config: pytest.Config) -> None:
     options = options_from_config(config)
     try:
         bundle = None
+        notes: list[str] = []
         if options.from_results:
             from .bundle import read_bundle
+            from .preflight import check_replay_options
 
+            notes += check_replay_options(_given_flags(config), options.from_results)
             bundle = read_bundle(options.from_results)
+            notes += bundle.notes
         session = DiffSession.create(
             options, worker=worker_id(config), worker_count=worker_count(config), bundle=bundle
         )
-        if bundle is not None:
-            session.notes.extend(bundle.notes)
         if not options.from_results and not config.option.collectonly:
             trace_specs(options, session.registry, session.pairs)  # real models need --traces
+            if worker_id(config) is None:  # once per run: the controller checks for all
+                warnings = session.preflight()
+                config.stash[_PREFLIGHT_KEY] = warnings
+                notes += warnings
+        session.notes.extend(notes)
         if options.report_dir and worker_id(config) is None and not config.option.collectonly:
             check_report_dir(Path(options.report_dir))  # not a traceback after all the work
     except ReasondiffError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = session
+
+
+def _given_flags(config: pytest.Config) -> list[str]:
+    """The reasondiff flags given on the command line (not the ini file)."""
+    from .options import _FLAGS, OPTIONS
+
+    given = [o.flag for o in OPTIONS if config.getoption(f"rd_{o.dest}") not in (None, [], ())]
+    return given + [flag for flag, dest, _ in _FLAGS if config.getoption(f"rd_{dest}")]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The up-front warnings (e.g. an RBF kernel beyond budget), before any test runs."""
+    return [f"reasondiff: {w}" for w in config.stash.get(_PREFLIGHT_KEY, [])]
 
 
 def _session(config: pytest.Config) -> DiffSession:

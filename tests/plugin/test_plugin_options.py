@@ -137,7 +137,7 @@ def test_adhoc_pair_id_uses_the_label(pytester: pytest.Pytester) -> None:
 def test_extra_registry_file_adds_a_group(pytester: pytest.Pytester) -> None:
     reg = pytester.makefile(
         ".toml",
-        extra='[models.mine]\nsource = "toy:copy"\nbase = "toy-base"\nmethod = "RL"\n'
+        extra='[groups.mine]\n[models.mine]\nsource = "toy:copy"\nbase = "toy-base"\nmethod = "RL"\n'
         'groups = ["mine"]\nexpect = { bathtub = true }\n',
     )
     pytester.makepyfile("def test_pair(pair):\n    assert pair.expect == {'bathtub': True}\n")
