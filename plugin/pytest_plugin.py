@@ -200,7 +200,9 @@ def finding(diff_session: DiffSession, request: pytest.FixtureRequest) -> Findin
 
 
 @pytest.fixture
-def curve_snapshot(snapshot: Any, diff_session: DiffSession, pair: PairSpec) -> Any:
+def curve_snapshot(
+    snapshot: Any, diff_session: DiffSession, pair: PairSpec, request: pytest.FixtureRequest
+) -> Any:
     """syrupy's ``snapshot`` with the tolerant curve extension (``--curve-atol/--curve-rtol``).
 
     Snapshots live in ``<snapshot dir>/<scope>/<test file>/`` where scope is the pair's
@@ -214,6 +216,23 @@ def curve_snapshot(snapshot: Any, diff_session: DiffSession, pair: PairSpec) -> 
             f"{pair.pair_id}: ad-hoc comparison without --label is measured and reported, "
             "not snapshotted (give --label NAME to track a checkpoint series)"
         )
+    if pair.label and diff_session.bundle is None:  # a replay knows only the label's slug
+        from .snapshots import DEFAULT_SNAPSHOT_DIRNAME, claim_label_scope
+
+        opts = diff_session.options
+        root = (
+            Path(opts.snapshot_dir).expanduser()
+            if opts.snapshot_dir
+            else request.path.parent / DEFAULT_SNAPSHOT_DIRNAME
+        )
+        try:
+            claim_label_scope(
+                root,
+                pair.label,
+                write=bool(getattr(request.config.option, "update_snapshots", False)),
+            )
+        except ReasondiffError as exc:
+            pytest.fail(f"{pair.pair_id}: {_one_line(str(exc))}", pytrace=False)
     return snapshot.use_extension(extension)
 
 
