@@ -124,7 +124,7 @@ def _threads(text: str) -> int | None:
     from .preflight import PreflightError, check_threads
 
     try:
-        return check_threads(_pos_int(text), where=repr(text))
+        return check_threads(_pos_int(text), where="")
     except PreflightError as exc:
         raise ValueError(str(exc)) from None
 
@@ -134,7 +134,7 @@ def _max_tokens(text: str) -> int:
     from .preflight import PreflightError, check_max_tokens
 
     try:
-        return check_max_tokens(int(text), where=repr(text))
+        return check_max_tokens(int(text), where="")
     except PreflightError as exc:
         raise ValueError(str(exc)) from None
 

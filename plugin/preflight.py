@@ -108,11 +108,11 @@ MIN_MAX_TOKENS = MIN_TRACE_TOKENS
 def check_max_tokens(max_tokens: int, *, where: str = "--max-tokens") -> int:
     """The one ``--max-tokens`` rule: an integer >= :data:`MIN_MAX_TOKENS`."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise PreflightError(f"{where} must be an integer, got {max_tokens!r}")
+        raise PreflightError(f"{where} must be an integer, got {max_tokens!r}".lstrip())
     if max_tokens < MIN_MAX_TOKENS:
         raise PreflightError(
             f"{where} {max_tokens} is below {MIN_MAX_TOKENS}: debiased CKA needs at least "
-            f"{MIN_MAX_TOKENS} tokens per trace (give {MIN_MAX_TOKENS} or more)"
+            f"{MIN_MAX_TOKENS} tokens per trace (give {MIN_MAX_TOKENS} or more)".lstrip()
         )
     return max_tokens
 
@@ -205,7 +205,7 @@ def check_threads(n: int, *, cpu_count: int | None = None, where: str = "--torch
         cpus = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
         raise PreflightError(
             f"{where} {n} is out of range: give 1..{limit} ({MAX_THREADS_PER_CPU} x the "
-            f"{cpus} CPU cores), or auto"
+            f"{cpus} CPU cores), or auto".lstrip()
         )
     return n
 

@@ -40,7 +40,7 @@ TOY_IDS = [
         (["--rbf-median", "diag"], "--rbf-median: 'diag' is not one of: offdiag, all"),
         (["--bathtub-band", "0.9,0.1"], "--bathtub-band: '0.9,0.1' is not a band"),
         (["--curve-atol", "-1"], "--curve-atol: '-1' must be a number >= 0"),
-        (["--max-tokens", "0"], "--max-tokens: '0' must be an integer >= 1"),
+        (["--max-tokens", "0"], "--max-tokens: 0 is below 4"),
         (["--from-results", "no-such-dir"], "no-such-dir"),
     ],
 )
