@@ -424,6 +424,18 @@ def _write_outputs(ds: DiffSession, out_dir: Path) -> None:
 
     config = ds.options.to_dict()
     config["dtype_resolved"] = dtypes_from_notes(n for r in ds.ordered_results() for n in r.notes)
+    if ds.bundle is not None:
+        # A replay measured nothing: how the numbers were made is the bundle's config,
+        # never this machine's --device / --dtype (issue 15.3).
+        from .preflight import REPLAY_REFUSED
+
+        measured = {flag.lstrip("-").replace("-", "_") for flag in REPLAY_REFUSED}
+        for key in measured | {"dtype_resolved"}:
+            if key in ds.bundle.config:
+                config[key] = ds.bundle.config[key]
+            else:
+                config.pop(key, None)
+        config["replayed_from"] = ds.options.from_results
     write_bundle(out_dir, ds.ordered_results(), ds.ordered_verdicts(), config=config)
     ds.notes.append(f"results bundle written to {out_dir}")
     try:
