@@ -87,13 +87,14 @@ def pytest_configure(config: pytest.Config) -> None:
         )
         if not options.from_results and not config.option.collectonly:
             trace_specs(options, session.registry, session.pairs)  # real models need --traces
-            if worker_id(config) is None:  # once per run: the controller checks for all
-                warnings = session.preflight()
-                config.stash[_PREFLIGHT_KEY] = warnings
-                notes += warnings
-        session.notes.extend(notes)
         if options.report_dir and worker_id(config) is None and not config.option.collectonly:
             check_report_dir(Path(options.report_dir))  # not a traceback after all the work
+        if not options.from_results and not config.option.collectonly and worker_id(config) is None:
+            # once per run (the controller checks for all), before any model is loaded
+            warnings = session.preflight()
+            config.stash[_PREFLIGHT_KEY] = warnings
+            notes += warnings
+        session.notes.extend(notes)
     except ReasondiffError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = session
