@@ -425,15 +425,16 @@ def _write_outputs(ds: DiffSession, out_dir: Path) -> None:
 
     config = ds.options.to_dict()
     config["dtype_resolved"] = dtypes_from_notes(n for r in ds.ordered_results() for n in r.notes)
-    if ds.bundle is not None:
+    source = getattr(ds, "bundle", None)
+    if source is not None:
         # A replay measured nothing: how the numbers were made is the bundle's config,
         # never this machine's --device / --dtype (issue 15.3).
         from .preflight import REPLAY_REFUSED
 
         measured = {flag.lstrip("-").replace("-", "_") for flag in REPLAY_REFUSED}
         for key in measured | {"dtype_resolved"}:
-            if key in ds.bundle.config:
-                config[key] = ds.bundle.config[key]
+            if key in source.config:
+                config[key] = source.config[key]
             else:
                 config.pop(key, None)
         config["replayed_from"] = ds.options.from_results
