@@ -79,7 +79,9 @@ def compare_with_engine(
 ) -> tuple[list[PairResult], Engine]:
     """:func:`compare`, also returning the engine (stage times, forwards, cache counts)."""
     from .cache import default_cache_dir
+    from .preflight import check_compare_arguments, check_run
 
+    check_compare_arguments(descendants, method)
     reg = Registry.load([str(p) for p in registry])
     base_spec = _spec(reg, base)
     pairs: list[PairSpec] = []
@@ -101,7 +103,17 @@ def compare_with_engine(
             for s, which in zip(specs, "abcdefgh", strict=False)
         ]
 
+    notes = check_run(
+        layers=engine_config.layers,
+        dominant_k=engine_config.dominant_k,
+        max_tokens=engine_config.max_tokens,
+        pairs=pairs,
+        trace_paths=paths,
+        toy_root=lambda: toy_root(root),
+        names=("layers", "dominant_k", "max_tokens"),
+    )
     engine = Engine(engine_config, trace_paths=paths)
+    engine.notes.extend(notes)
     try:
         return [engine.pair_result(p, pairs) for p in pairs], engine
     finally:

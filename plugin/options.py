@@ -133,9 +133,25 @@ def _pos_int(text: str) -> int:
 
 
 def _threads(text: str) -> int | None:
+    """``auto`` or 1..4 x the CPU count (torch segfaults at exit on 100000 threads)."""
     if text.strip().lower() == "auto":
         return None
-    return _pos_int(text)
+    from .preflight import PreflightError, check_threads
+
+    try:
+        return check_threads(_pos_int(text), where="")
+    except PreflightError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _max_tokens(text: str) -> int:
+    """The one --max-tokens rule (:func:`reasondiff.preflight.check_max_tokens`)."""
+    from .preflight import PreflightError, check_max_tokens
+
+    try:
+        return check_max_tokens(int(text), where="")
+    except PreflightError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _opt(
@@ -204,9 +220,9 @@ class DiffOptions:
     )
     max_tokens: int = _opt(
         "--max-tokens",
-        "truncate traces longer than this, with a note",
+        "truncate traces longer than this, with a note (at least 4)",
         MAX_TOKENS,
-        _pos_int,
+        _max_tokens,
         ini=True,
         metavar="N",
     )
@@ -238,7 +254,8 @@ class DiffOptions:
     )
     torch_threads: int | None = _opt(
         "--torch-threads",
-        "torch CPU threads: N, or auto (default: cores / workers under xdist, else torch's own)",
+        "torch CPU threads: N (1 to 4 x the CPU cores), or auto (default: cores / workers "
+        "under xdist, else torch's own)",
         None,
         _threads,
         ini=True,
@@ -253,7 +270,7 @@ class DiffOptions:
     )
     diff_cache_cap: int | None = _opt(
         "--diff-cache-cap",
-        "size cap of the activation cache, e.g. 50G (default: no cap)",
+        "size cap of the activation cache, e.g. 50G; 0 or none: no cap (the default)",
         None,
         parse_bytes,
         ini=True,
@@ -270,7 +287,9 @@ class DiffOptions:
         metavar="DIR",
     )
     from_results: str | None = _opt(
-        "--from-results", "replay a results bundle instead of loading models", metavar="DIR"
+        "--from-results",
+        "replay a results bundle (its directory, not a file in it) instead of loading models",
+        metavar="DIR",
     )
     bathtub_delta: float = _opt(
         "--bathtub-delta",
@@ -472,6 +491,11 @@ def options_from_config(config: pytest.Config) -> DiffOptions:
             values["model_group_given"] = True
         if opt.dest == "snapshot_dir":
             values["snapshot_dir"] = _anchored_dir(config, text, from_ini=where != opt.flag)
+            if Path(values["snapshot_dir"]).exists() and not Path(values["snapshot_dir"]).is_dir():
+                raise pytest.UsageError(
+                    f"{where}: {values['snapshot_dir']} is a file, not a directory; the curve "
+                    "snapshots live in a folder (give a new or existing directory)"
+                )
     for _flag, dest, _text in _FLAGS:
         values[dest] = bool(config.getoption(f"rd_{dest}"))
     opts = DiffOptions(**values)

@@ -39,6 +39,7 @@ from .xdist_support import (
 )
 
 SESSION_KEY = pytest.StashKey[DiffSession]()
+_PREFLIGHT_KEY = pytest.StashKey[list[str]]()
 _WORKER_OUTPUT_KEY = "reasondiff"
 
 
@@ -73,10 +74,14 @@ def pytest_configure(config: pytest.Config) -> None:
     options = options_from_config(config)
     try:
         bundle = None
+        notes: list[str] = []
         if options.from_results:
             from .bundle import read_bundle
+            from .preflight import check_replay_options
 
+            notes += check_replay_options(_given_flags(config), options.from_results)
             bundle = read_bundle(options.from_results)
+            notes += bundle.notes
         session = DiffSession.create(
             options, worker=worker_id(config), worker_count=worker_count(config), bundle=bundle
         )
@@ -84,9 +89,28 @@ def pytest_configure(config: pytest.Config) -> None:
             trace_specs(options, session.registry, session.pairs)  # real models need --traces
         if options.report_dir and worker_id(config) is None and not config.option.collectonly:
             check_report_dir(Path(options.report_dir))  # not a traceback after all the work
+        if not options.from_results and not config.option.collectonly and worker_id(config) is None:
+            # once per run (the controller checks for all), before any model is loaded
+            warnings = session.preflight()
+            config.stash[_PREFLIGHT_KEY] = warnings
+            notes += warnings
+        session.notes.extend(notes)
     except ReasondiffError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = session
+
+
+def _given_flags(config: pytest.Config) -> list[str]:
+    """The reasondiff flags given on the command line (not the ini file)."""
+    from .options import _FLAGS, OPTIONS
+
+    given = [o.flag for o in OPTIONS if config.getoption(f"rd_{o.dest}") not in (None, [], ())]
+    return given + [flag for flag, dest, _ in _FLAGS if config.getoption(f"rd_{dest}")]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The up-front warnings (e.g. an RBF kernel beyond budget), before any test runs."""
+    return [f"reasondiff: {w}" for w in config.stash.get(_PREFLIGHT_KEY, [])]
 
 
 def _session(config: pytest.Config) -> DiffSession:
@@ -177,7 +201,9 @@ def finding(diff_session: DiffSession, request: pytest.FixtureRequest) -> Findin
 
 
 @pytest.fixture
-def curve_snapshot(snapshot: Any, diff_session: DiffSession, pair: PairSpec) -> Any:
+def curve_snapshot(
+    snapshot: Any, diff_session: DiffSession, pair: PairSpec, request: pytest.FixtureRequest
+) -> Any:
     """syrupy's ``snapshot`` with the tolerant curve extension (``--curve-atol/--curve-rtol``).
 
     Snapshots live in ``<snapshot dir>/<scope>/<test file>/`` where scope is the pair's
@@ -191,7 +217,57 @@ def curve_snapshot(snapshot: Any, diff_session: DiffSession, pair: PairSpec) -> 
             f"{pair.pair_id}: ad-hoc comparison without --label is measured and reported, "
             "not snapshotted (give --label NAME to track a checkpoint series)"
         )
+    if pair.label and diff_session.bundle is None:  # a replay knows only the label's slug
+        from .snapshots import DEFAULT_SNAPSHOT_DIRNAME, claim_label_scope
+
+        opts = diff_session.options
+        root = (
+            Path(opts.snapshot_dir).expanduser()
+            if opts.snapshot_dir
+            else request.path.parent / DEFAULT_SNAPSHOT_DIRNAME
+        )
+        try:
+            claim_label_scope(
+                root,
+                pair.label,
+                write=bool(getattr(request.config.option, "update_snapshots", False)),
+            )
+        except ReasondiffError as exc:
+            pytest.fail(f"{pair.pair_id}: {_one_line(str(exc))}", pytrace=False)
     return snapshot.use_extension(extension)
+
+
+# ---------------------------------------------------------------------- snapshot guard
+_SNAPSHOTS_AT_RISK = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Remember a curve-snapshot test that failed or errored (issue 15.1)."""
+    report = yield
+    if report.failed and "curve_snapshot" in getattr(item, "fixturenames", ()):
+        item.stash[_SNAPSHOTS_AT_RISK] = True
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """A failed pair's accepted curve snapshots are kept, never judged unused.
+
+    syrupy counts every snapshot of a failed test that the test did not assert as
+    unused, and deletes it under ``--snapshot-update``: a pair whose data is damaged
+    (a NaN in a bundle, a load error) would lose its accepted curves. Told that the test
+    was *skipped*, syrupy keeps them, as it does for any skipped test. The test itself
+    still fails; only syrupy's bookkeeping changes. Snapshots it did assert are judged
+    as usual, and a non-finite curve is never written (``CurveSnapshotExtension``).
+    """
+    result = yield
+    if item.stash.get(_SNAPSHOTS_AT_RISK, False):
+        syrupy_session = getattr(item.config, "_syrupy", None)
+        ran_item = getattr(syrupy_session, "ran_item", None)
+        if ran_item is not None:
+            ran_item(item.nodeid, "skipped")
+    return result
 
 
 # ---------------------------------------------------------------------- finding helper
@@ -317,6 +393,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ds = config.stash.get(SESSION_KEY, None)
     if ds is None:
         return
+    from reasondiff.fixtures.toy import drain_notes
+
+    ds.notes.extend(n for n in drain_notes() if n not in ds.notes)  # toy checkpoints rebuilt
     workeroutput = getattr(config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput[_WORKER_OUTPUT_KEY] = pack_worker_output(
@@ -346,6 +425,19 @@ def _write_outputs(ds: DiffSession, out_dir: Path) -> None:
 
     config = ds.options.to_dict()
     config["dtype_resolved"] = dtypes_from_notes(n for r in ds.ordered_results() for n in r.notes)
+    source = getattr(ds, "bundle", None)
+    if source is not None:
+        # A replay measured nothing: how the numbers were made is the bundle's config,
+        # never this machine's --device / --dtype (issue 15.3).
+        from .preflight import REPLAY_REFUSED
+
+        measured = {flag.lstrip("-").replace("-", "_") for flag in REPLAY_REFUSED}
+        for key in measured | {"dtype_resolved"}:
+            if key in source.config:
+                config[key] = source.config[key]
+            else:
+                config.pop(key, None)
+        config["replayed_from"] = ds.options.from_results
     write_bundle(out_dir, ds.ordered_results(), ds.ordered_verdicts(), config=config)
     ds.notes.append(f"results bundle written to {out_dir}")
     try:

@@ -113,6 +113,7 @@ class Registry:
     models: dict[str, ModelSpec]
     groups: dict[str, GroupSpec]
     files: tuple[str, ...] = ()
+    model_files: dict[str, str] = field(default_factory=dict)  # key -> file that defined it
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -121,6 +122,7 @@ class Registry:
         models: dict[str, ModelSpec] = {}
         groups: dict[str, GroupSpec] = {}
         files: list[str] = []
+        model_files: dict[str, str] = {}
         sources: list[tuple[str, str]] = []
         if builtin:
             text = resources.files("reasondiff").joinpath("registry.toml").read_text("utf-8")
@@ -139,21 +141,50 @@ class Registry:
             except tomllib.TOMLDecodeError as exc:
                 raise RegistryError(f"registry file {name} is not valid TOML: {exc}") from exc
             _parse_into(name, data, models, groups)
+            model_files.update(dict.fromkeys(data.get("models", {}), name))
             files.append(name)
-        reg = cls(models=models, groups=groups, files=tuple(files))
+        reg = cls(models=models, groups=groups, files=tuple(files), model_files=model_files)
         reg.validate()
         return reg
 
+    def _where(self, key: str) -> str:
+        """``<file>: [models.<key>]``: where a model was (last) defined."""
+        return f"{self.model_files.get(key, 'registry')}: [models.{key}]"
+
     def validate(self) -> None:
+        """Refuse a dangling base, a model that is its own base, a cycle of bases and a
+        group no file declares, naming the models and the file (issue 15.4)."""
         for m in self.models.values():
             if m.base is not None and m.base not in self.models:
                 raise RegistryError(
-                    f"[models.{m.key}]: base {m.base!r} is not in the registry "
+                    f"{self._where(m.key)}: base {m.base!r} is not in the registry "
                     f"(known: {', '.join(sorted(self.models))})"
                 )
-            for g in m.groups:
-                if g not in self.groups:
-                    self.groups[g] = GroupSpec(name=g)
+            if m.base == m.key:
+                raise RegistryError(
+                    f"{self._where(m.key)}: the model is its own base; a pair compares a "
+                    "descendant with another model (remove 'base', or name its real base)"
+                )
+            undeclared = [g for g in m.groups if g not in self.groups]
+            if undeclared:
+                raise RegistryError(
+                    f"{self._where(m.key)}: group(s) {', '.join(map(repr, undeclared))} not "
+                    f"declared; add a [groups.{undeclared[0]}] table (declared: "
+                    f"{', '.join(sorted(self.groups)) or 'none'})"
+                )
+        for m in self.models.values():
+            chain = [m.key]
+            base = m.base
+            while base is not None:
+                if base in chain:
+                    cycle = [*chain[chain.index(base) :], base]
+                    files = sorted({self.model_files.get(k, "registry") for k in cycle})
+                    raise RegistryError(
+                        f"{', '.join(files)}: the bases form a cycle: {' -> '.join(cycle)} "
+                        "(each model's base must lead to a model without one)"
+                    )
+                chain.append(base)
+                base = self.models[base].base
 
     # ------------------------------------------------------------------ queries
     def model(self, key: str) -> ModelSpec:

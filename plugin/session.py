@@ -91,6 +91,21 @@ class DiffSession:
             )
         return cls(options, registry, worker=worker, worker_count=worker_count, bundle=bundle)
 
+    def preflight(self) -> list[str]:
+        """A live run's up-front checks (:func:`reasondiff.preflight.check_run`), once per
+        run before any model is loaded; returns the warnings to show before it starts."""
+        from .preflight import check_run
+
+        o = self.options
+        return check_run(
+            layers=o.layers,
+            dominant_k=o.dominant_k,
+            max_tokens=o.max_tokens,
+            pairs=self.pairs,
+            trace_paths=self._trace_paths,
+            toy_root=lambda: self.engine.toy_root,
+        )
+
     def _select_pairs(self) -> list[PairSpec]:
         o = self.options
         if self.bundle is not None:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from reasondiff import bundle as bundle_mod
+from reasondiff import bundle_writer as bundle_mod
 from reasondiff.bundle import atomic_write_text, bundle_schema, read_bundle, write_bundle
 from reasondiff.errors import BundleError
 from reasondiff.records import CkaRecord, MassiveRecord, PairInfo, PairResult, Verdict, WeightRecord
@@ -464,3 +464,76 @@ def test_cka_csv_is_optional(written: tuple[Path, list[PairResult]]) -> None:
     assert [len(r.cka) for r in got] == [0, 0]
     assert [len(r.weights) for r in got] == [len(r.weights) for r in results]
     assert got[0].info.num_layers == 4 and got[0].trace_sets == ["a", "b"]
+
+
+# ------------------------------------------------------------ integrity (issue 15.2)
+def test_results_json_records_rows_and_checksums(written: tuple[Path, list[PairResult]]) -> None:
+    import hashlib
+
+    out, results = written
+    files = json.loads((out / "results.json").read_text())["files"]
+    assert files["cka.csv"]["rows"] == sum(len(r.cka) for r in results) == 80
+    assert files["weights.csv"]["rows"] == sum(len(r.weights) for r in results)
+    for name, rec in files.items():
+        assert rec["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+
+
+def test_csv_cut_at_a_line_boundary_names_expected_and_found_rows(
+    written: tuple[Path, list[PairResult]],
+) -> None:
+    out, _ = written
+    lines = (out / "cka.csv").read_text().splitlines(keepends=True)
+    (out / "cka.csv").write_text("".join(lines[:-40]))  # one pair's rows gone
+    with pytest.raises(BundleError, match=r"cka\.csv: 40 rows found, results\.json records 80"):
+        read_bundle(out)
+
+
+def test_csv_cut_mid_row_is_named_truncated_with_its_line(
+    written: tuple[Path, list[PairResult]],
+) -> None:
+    out, _ = written
+    data = (out / "weights.csv").read_bytes()
+    n_lines = data.count(b"\n")
+    (out / "weights.csv").write_bytes(data[: data.rindex(b"\n", 0, len(data) - 1) + 7])
+    with pytest.raises(BundleError, match=rf"weights\.csv line {n_lines}: truncated"):
+        read_bundle(out)
+
+
+def test_csv_cut_mid_row_without_results_json_is_named_truncated(
+    written: tuple[Path, list[PairResult]],
+) -> None:
+    out, _ = written
+    (out / "results.json").unlink()
+    data = (out / "cka.csv").read_bytes()
+    (out / "cka.csv").write_bytes(data[: data.rindex(b"\n", 0, len(data) - 1) + 7])
+    with pytest.raises(BundleError, match=r"cka\.csv line 81: truncated: the file ends mid-row"):
+        read_bundle(out)
+
+
+def test_a_complete_last_row_without_newline_is_read(tmp_path: Path) -> None:
+    """Hand-made import files often lack the final newline; that is not a cut."""
+    (tmp_path / "weights.csv").write_text(
+        "base,descendant,tensor,normalized_diff\nb,d,model.layers.0.mlp.up_proj.weight,0.1"
+    )
+    (res,) = read_bundle(tmp_path).results
+    assert res.weights[0].normalized_diff == 0.1
+
+
+def test_same_rows_edited_replays_with_a_note_and_refresh_accepts(
+    written: tuple[Path, list[PairResult]],
+) -> None:
+    from reasondiff.bundle import refresh_manifest
+
+    out, _ = written
+    lines = (out / "cka.csv").read_text().splitlines()
+    (out / "cka.csv").write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    got = read_bundle(out)
+    assert any("cka.csv: differs from the checksum" in n for n in got.notes), got.notes
+    refresh_manifest(out)
+    assert read_bundle(out).notes == []
+
+
+def test_from_results_naming_a_file_is_an_error(written: tuple[Path, list[PairResult]]) -> None:
+    out, _ = written
+    with pytest.raises(BundleError, match=r"is a file; --from-results takes the bundle directory"):
+        read_bundle(out / "results.json")

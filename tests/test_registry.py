@@ -190,3 +190,41 @@ def test_slug_rejects_empty() -> None:
     assert slug("Qwen/Qwen2.5 Math") == "qwen-qwen2.5-math"
     with pytest.raises(RegistryError):
         slug("///")
+
+
+# ------------------------------------------------------------ validation (issue 15.4)
+def _load_extra(tmp_path: Path, text: str) -> Registry:
+    f = tmp_path / "bad.toml"
+    f.write_text(text, encoding="utf-8")
+    return Registry.load([f])
+
+
+def test_a_model_that_is_its_own_base_is_refused_naming_it_and_the_file(tmp_path: Path) -> None:
+    with pytest.raises(
+        RegistryError, match=r"bad\.toml: \[models\.ms\]: the model is its own base"
+    ):
+        _load_extra(
+            tmp_path, '[groups.g]\n[models.ms]\nsource = "toy:copy"\nbase = "ms"\ngroups = ["g"]\n'
+        )
+
+
+def test_a_cycle_of_bases_is_refused_naming_the_models(tmp_path: Path) -> None:
+    text = (
+        '[groups.g]\n[models.a]\nsource = "toy:copy"\nbase = "b"\ngroups = ["g"]\n'
+        '[models.b]\nsource = "toy:massive"\nbase = "a"\ngroups = ["g"]\n'
+    )
+    with pytest.raises(RegistryError, match=r"bad\.toml: the bases form a cycle: a -> b -> a"):
+        _load_extra(tmp_path, text)
+
+
+def test_a_model_in_an_undeclared_group_is_refused(tmp_path: Path) -> None:
+    text = '[models.m]\nsource = "toy:copy"\nbase = "toy-base"\ngroups = ["nowhere"]\n'
+    with pytest.raises(
+        RegistryError, match=r"bad\.toml: \[models\.m\]: group\(s\) 'nowhere' not declared"
+    ):
+        _load_extra(tmp_path, text)
+
+
+def test_the_builtin_registry_passes_validation() -> None:
+    reg = Registry.load([])
+    assert "toy" in reg.groups and all(m.base != m.key for m in reg.models.values())

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from syrupy.data import Snapshot, SnapshotCollection
 
-from reasondiff import bundle as bundle_mod
+from reasondiff import bundle_writer as bundle_mod
 from reasondiff.options import DiffOptions
 from reasondiff.records import Curve
 from reasondiff.registry import Registry, adhoc_pair

@@ -210,9 +210,12 @@ def test_ci_workflow_gates_a_label_series_from_outside_the_checkout(
     subject = _run([*git, "log", "-1", "--format=%s"]).stdout.strip()
     assert subject == f"reasondiff: accept {LABEL} at toy:massive"
     pushed = _run([*git, "show", "--name-only", "--format=", "HEAD"]).stdout.split()
-    assert len(pushed) == 4 and all(
+    # the four curves, and the folder's record of its label (reasondiff.snapshot_scopes)
+    assert f"reasondiff/snapshots/labels/{LABEL}/.label" in pushed, pushed
+    curves = [p for p in pushed if not p.endswith("/.label")]
+    assert len(curves) == 4 and all(
         p.startswith(f"reasondiff/snapshots/labels/{LABEL}/test_curves/test_curves[{LABEL}][")
-        for p in pushed
+        for p in curves
     ), pushed
 
     # 3. the same checkpoint again: every test passes and the run exits 0

@@ -40,7 +40,7 @@ TOY_IDS = [
         (["--rbf-median", "diag"], "--rbf-median: 'diag' is not one of: offdiag, all"),
         (["--bathtub-band", "0.9,0.1"], "--bathtub-band: '0.9,0.1' is not a band"),
         (["--curve-atol", "-1"], "--curve-atol: '-1' must be a number >= 0"),
-        (["--max-tokens", "0"], "--max-tokens: '0' must be an integer >= 1"),
+        (["--max-tokens", "0"], "--max-tokens: 0 is below 4"),
         (["--from-results", "no-such-dir"], "no-such-dir"),
     ],
 )
@@ -137,7 +137,7 @@ def test_adhoc_pair_id_uses_the_label(pytester: pytest.Pytester) -> None:
 def test_extra_registry_file_adds_a_group(pytester: pytest.Pytester) -> None:
     reg = pytester.makefile(
         ".toml",
-        extra='[models.mine]\nsource = "toy:copy"\nbase = "toy-base"\nmethod = "RL"\n'
+        extra='[groups.mine]\n[models.mine]\nsource = "toy:copy"\nbase = "toy-base"\nmethod = "RL"\n'
         'groups = ["mine"]\nexpect = { bathtub = true }\n',
     )
     pytester.makepyfile("def test_pair(pair):\n    assert pair.expect == {'bathtub': True}\n")
