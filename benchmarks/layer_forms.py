@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from reasondiff.metrics.layer import prepare_base_layer, score_layer
+from reasondiff.metrics.layer import PreparedSide, prepare_base_layer, score_layer
 
 
 def _seconds(fn: Callable[[], object], device: str) -> float:
@@ -30,6 +30,24 @@ def _seconds(fn: Callable[[], object], device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def gram_seconds(y: torch.Tensor, device: str) -> float:
+    """One float64 Gram Yc Yc^T of the centred descendant: the unit of the ratio."""
+    yc = y.double() - y.double().mean(0)
+    return _seconds(lambda: yc @ yc.T, device)
+
+
+def layer_seconds(
+    base: PreparedSide, y: torch.Tensor, form: str, device: str
+) -> tuple[float, dict[str, float]]:
+    """The full analysis of one descendant-layer against the prepared base."""
+    out: dict[str, float] = {}
+
+    def score() -> None:
+        out.update(score_layer(base, y, k=10, form=form)["metrics"])  # type: ignore[arg-type]
+
+    return _seconds(score, device), out
 
 
 def data(n: int, d: int, descendants: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -51,15 +69,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forms", default="auto,gram")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads (0: torch's default); 1 keeps "
-        "the ratio steady on a shared machine"
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (0: torch's default); 1 keeps the ratio steady on a shared machine",
     )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     x, ys = data(args.n, args.d, args.descendants)
     x, ys = x.to(args.device), [y.to(args.device) for y in ys]
-    got = {}
+    got: dict[str, dict[str, float]] = {}
     for form in args.forms.split(","):
         t0 = time.perf_counter()
         base = prepare_base_layer(x, name="base", k=10, form=form)  # type: ignore[arg-type]
@@ -68,16 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         gram_s, layer_s = [], []
         for _ in range(args.repeats):
             for y in ys:
-                yc = y.double() - y.double().mean(0)
-                gram_s.append(_seconds(lambda: yc @ yc.T, args.device))  # noqa: B023
-                layer_s.append(
-                    _seconds(
-                        lambda: got.__setitem__(  # noqa: B023
-                            form, score_layer(base, y, k=10, form=form)["metrics"]  # type: ignore[arg-type]  # noqa: B023
-                        ),
-                        args.device,
-                    )
-                )
+                gram_s.append(gram_seconds(y, args.device))
+                seconds, got[form] = layer_seconds(base, y, form, args.device)
+                layer_s.append(seconds)
         g, lay = min(gram_s), min(layer_s)
         print(
             f"form={form}: N {args.n}, D {args.d}, base once (with a first descendant) {once:.2f} s; "

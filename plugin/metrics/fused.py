@@ -72,7 +72,7 @@ def _bracket(r: Tensor, gram: Tensor, n: int, median: str) -> tuple[float, float
     lo_f, hi_f = pair[0] / m, pair[-1] / m
     width = _SIGMAS * math.sqrt(max(lo_f * (1 - lo_f), hi_f * (1 - hi_f), 1.0 / s) / s)
     lo = float(d[max(0, int((lo_f - width) * s))])
-    hi = float(d[min(s - 1, int(math.ceil((hi_f + width) * s)))])
+    hi = float(d[min(s - 1, math.ceil((hi_f + width) * s))])
     return lo, hi
 
 
@@ -144,7 +144,7 @@ def _first_pass(
     rows = _rows_per_block(n)
     zero = torch.zeros((), dtype=_F64, device=dev)
     t_xy, s_xy, s_xx, s_yy = zero.clone(), zero.clone(), zero.clone(), zero.clone()
-    below, inside = 0, []
+    below, inside = 0, list[Tensor]()
     kc = torch.empty(rows, n, dtype=_F64, device=dev)
     lc = torch.empty(rows, n, dtype=_F64, device=dev)
     for a in range(0, n, rows):
@@ -160,7 +160,9 @@ def _first_pass(
         torch.add(r[a:b, None], r[None, :], out=db).sub_(lb, alpha=2.0).clamp_min_(0.0)
         db.diagonal(a).fill_(0.0)
         below, inside = _count(db, a, lo, hi, below, inside)
-    ablated = _Terms(m, s_xy, s_xx, s_yy, -cx.diag[keep], -cy.diag[keep], cx.diag[keep], cy.diag[keep])
+    ablated = _Terms(
+        m, s_xy, s_xx, s_yy, -cx.diag[keep], -cy.diag[keep], cx.diag[keep], cy.diag[keep]
+    )
     return _FirstPass(t_xy, ablated, below, inside)
 
 
@@ -191,9 +193,7 @@ def _bracketed_median(first: _FirstPass, d2: Tensor, n: int, median: str) -> flo
     return sum(picked) / len(picked)
 
 
-def _kernel_pass(
-    kx: Tensor, d2: Tensor, sigma2: float
-) -> tuple[Tensor, Tensor, Tensor]:
+def _kernel_pass(kx: Tensor, d2: Tensor, sigma2: float) -> tuple[Tensor, Tensor, Tensor]:
     """exp(-d2 / (2 sigma^2)) in place, zero diagonal; (tr(K L), L 1, tr(L L)) off-diagonal."""
     n = d2.shape[0]
     rows = _rows_per_block(n)

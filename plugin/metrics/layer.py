@@ -109,7 +109,9 @@ def score_layer(
     sx, sy = base.stats, side.stats
     u = dominant_datapoints(sx, sy, k=k)
     if sx.gram is not None and sy.gram is not None:
-        fused = score_fused(sx, sy, _checked_drop(u, sx.n, True), median=rbf_median)
+        drop = _checked_drop(u, sx.n, True)
+        assert drop is not None
+        fused = score_fused(sx, sy, drop, median=rbf_median)
         linear, without, rbf = fused.linear, fused.linear_without, fused.rbf
         carried = carried_share_of(sx, sy, fused.t_xy + torch.dot(sx.r, sy.r))
     else:
