@@ -48,7 +48,12 @@ def _top_eigenpair(
 
 
 def _iterate_top(
-    a: Tensor, *, diag: Tensor | None = None, tol: float = 1e-12, max_iter: int = 150
+    a: Tensor,
+    *,
+    diag: Tensor | None = None,
+    tol: float = 1e-12,
+    max_iter: int = 150,
+    columns: bool = False,
 ) -> tuple[float, Tensor] | None:
     """The top eigenpair of ``a (+ diag(diag))`` by block subspace iteration, or ``None``.
 
@@ -58,7 +63,9 @@ def _iterate_top(
     for m ~ 2000 tokens on a CPU and for every layer on a GPU. ``None`` (use ``eigh``)
     for small m, for a zero matrix, when the gap between the first two eigenvalues is
     small (ratio > ``_SMALL_GAP`` after a few steps: ill-conditioned, slow to converge)
-    or when the iteration does not converge.
+    or when the iteration does not converge. ``columns``: start from the matrix's own
+    columns at the 16 largest diagonal entries (a Gram's largest-norm tokens), which
+    is one power step already taken, with no product.
     """
     m = a.shape[0]
 
@@ -66,9 +73,16 @@ def _iterate_top(
         return a @ v if diag is None else torch.addcmul(a @ v, diag[:, None], v)
 
     if m > 64:
-        gen = torch.Generator().manual_seed(0)
-        block = torch.randn(m, min(16, m), generator=gen, dtype=a.dtype).to(a.device)
-        block = times(block)
+        if columns:
+            d = a.diagonal() if diag is None else diag
+            idx = torch.sort(d, descending=True, stable=True).indices[:16]
+            block = a[:, idx].clone()
+            if diag is not None:
+                block[idx, torch.arange(idx.numel(), device=a.device)] += diag[idx]
+        else:
+            gen = torch.Generator().manual_seed(0)
+            block = torch.randn(m, min(16, m), generator=gen, dtype=a.dtype).to(a.device)
+            block = times(block)
         for step in range(max_iter):
             q, _ = torch.linalg.qr(block)
             aq = times(q)
@@ -93,7 +107,9 @@ def _pc1(s: CkaStats) -> tuple[Tensor, float, float]:
         n, d = s.shape
         top: tuple[float, Tensor] | None = None
         if s.gram is not None:  # the Gram is there: iterate on it, no D x D product
-            top = _top_eigenpair(s.gram, diag=s.r) if n <= d else _iterate_top(s.gram, diag=s.r)
+            top = _iterate_top(s.gram, diag=s.r, columns=True)
+            if top is None and n <= d:
+                top = _top_eigenpair(s.gram, diag=s.r)
         if top is not None:
             lam, u = top
             p = u * lam**0.5
