@@ -26,6 +26,11 @@ from benchmarks.harness import NotReady, Result, print_table
 NAME = "cka_group"
 GOAL = 3.0
 TOLERANCE = 1e-6
+#: Torch threads for both sides. One: on a 2-core machine shared with other jobs, every
+#: two-thread op waits for its slower thread, which swamped both sides' times (measured,
+#: load 10-16: ours 63.7 s with 2 threads, 11.1 s with 1 at N 1024, D 256); the ratio
+#: compares the same work at the same thread count either way.
+THREADS = 1
 MEDIAN = "all"  # the reference convention, used on both sides so values compare
 METRICS = ("linear", "rbf", "linear_without_dominant", "pc1_share_base", "pc1_share_descendant")
 
@@ -109,6 +114,16 @@ def _timed(fn: Callable[[], Values], repeats: int) -> tuple[list[float], Values]
 
 
 def run(*, quick: bool) -> list[Result]:
+    """Both sides single-threaded (:data:`THREADS`), the torch setting restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        return _run(quick=quick)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(*, quick: bool) -> list[Result]:
     ours = ours_analysis()
     configs = quick_configs() if quick else full_configs()
     rows: list[list[object]] = []
@@ -151,7 +166,8 @@ def run(*, quick: bool) -> list[Result]:
             ]
         )
     print_table(
-        "cka_group: one base vs k descendants, all metrics per layer (seconds summed over traces; "
+        f"cka_group: one base vs k descendants, all metrics per layer, {THREADS} torch thread "
+        "(seconds summed over traces; "
         f"median of repeats; RBF median convention '{MEDIAN}' on both sides)",
         [
             "N",
