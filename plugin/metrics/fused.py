@@ -41,7 +41,9 @@ Tensor = torch.Tensor
 _BLOCK = 1 << 18
 #: Distances sampled to bracket the median ranks, and the bracket's half-width in
 #: standard deviations of a sample quantile (a miss only costs a slower exact pass).
-_SAMPLE, _SIGMAS = 1 << 16, 8.0
+_SAMPLE, _SIGMAS = 1 << 14, 8.0
+#: Up to this many pairs (N <~ 1450) every pair distance is kept for the selection.
+_WHOLE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ def _bracket(r: Tensor, gram: Tensor, n: int, median: str) -> tuple[float, float
     """[lo, hi] likely to hold the median pair distances, from a fixed sample of pairs."""
     pair = [q for q in _median_ranks(n, median) if q >= 0] or [0]  # validates the name
     m = n * (n - 1) // 2
+    if m <= _WHOLE:  # few pairs: keep them all (a sample would cost more than it saves)
+        return -math.inf, math.inf
     gen = torch.Generator().manual_seed(0)
     i = torch.randint(n, (_SAMPLE,), generator=gen)
     j = (i + 1 + torch.randint(n - 1, (_SAMPLE,), generator=gen)) % n  # j != i

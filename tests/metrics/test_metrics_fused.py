@@ -96,3 +96,22 @@ def test_massive_median_of_bfloat16_equals_float32() -> None:
     a = massive_activations(x.to(torch.bfloat16))
     b = massive_activations(x.to(torch.bfloat16).float())
     assert a.median_abs == b.median_abs and a.positions == b.positions
+
+
+@pytest.mark.parametrize("median", ["offdiag", "all"])
+def test_sampled_bracket_holds_the_median_at_large_n(
+    median: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond ``_WHOLE`` pairs a sample brackets the ranks; the exact value is unchanged."""
+    n = 1600
+    assert n * (n - 1) // 2 > fused._WHOLE
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    y = x + 0.5 * torch.randn(n, 6, generator=g, dtype=torch.float64)
+
+    def no_fallback(d2: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the bracket missed the median ranks")
+
+    monkeypatch.setattr(fused, "upper_values", no_fallback)
+    got = score_layer(prepare_base_layer(x, name="b", k=10), y, k=10, rbf_median=median)
+    assert abs(got["metrics"]["rbf"] - rbf_cka(x, y, median=median)) <= 1e-9  # type: ignore[arg-type]
