@@ -8,10 +8,11 @@ times, the exact median copying N^2 / 2 values, the ablation copying the kept su
 which made a layer cost ~5x the Gram. Here the O(N^2) work runs over row blocks small
 enough to stay in cache, in two passes:
 
-1. :func:`_first_pass`: tr(K~ L~) with and without the dropped rows (the kept sub-Gram's
-   terms by 0/1 row weights, no copy; its centring from row sums downdated by the
-   dropped columns), tr(K~_S K~_S), tr(L~_S L~_S), and the squared distances, written once
-   into one N x N buffer while counting them against a bracket around the median ranks;
+1. :func:`_first_pass`: tr(K~ L~); the kept rows' re-centred Gram blocks H K_SS H and
+   H L_SS H (formed block by block, dropped rows and columns zeroed, no sub-Gram copy;
+   the centring from row sums downdated by the dropped columns) and their three
+   traces; and the squared distances, written once into one N x N buffer while the
+   pair distances (i < j) are counted against a bracket around the median ranks;
 2. :func:`_kernel_pass`: the RBF kernel, in place in that buffer, and its terms against
    the base's cached kernel.
 
