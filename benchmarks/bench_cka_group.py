@@ -3,8 +3,8 @@
 Per (trace, layer, descendant): linear CKA, RBF CKA, linear CKA without the dominant
 datapoints, and PC1's explained-variance share of both sides. The reference
 (``baseline_reference``) recomputes everything per pair from N x N Gram matrices; ours is
-``reasondiff.metrics``' prepared-statistics API, which computes the base's statistics
-once per (trace, layer) and reuses them for every descendant. Both score the same
+the engine's per-layer path (``reasondiff.metrics.layer``), which prepares the base once
+per (trace, layer) and scores every descendant against it. Both score the same
 synthetic activations (``synthetic``: low-rank signal, perturbed descendants, massive
 activations ~1e4) with the same RBF median convention (``"all"``, the reference's), and
 every value is compared: max |difference| must be <= 1e-6.
@@ -26,6 +26,11 @@ from benchmarks.harness import NotReady, Result, print_table
 NAME = "cka_group"
 GOAL = 3.0
 TOLERANCE = 1e-6
+#: Torch threads for both sides. One: on a 2-core machine shared with other jobs, every
+#: two-thread op waits for its slower thread, which swamped both sides' times (measured,
+#: load 10-16: ours 63.7 s with 2 threads, 11.1 s with 1 at N 1024, D 256); the ratio
+#: compares the same work at the same thread count either way.
+THREADS = 1
 MEDIAN = "all"  # the reference convention, used on both sides so values compare
 METRICS = ("linear", "rbf", "linear_without_dominant", "pc1_share_base", "pc1_share_descendant")
 
@@ -74,31 +79,25 @@ def reference_values(base: list[torch.Tensor], descs: list[list[torch.Tensor]]) 
 
 
 def ours_analysis() -> Callable[[list[torch.Tensor], list[list[torch.Tensor]]], Values]:
-    """The project's fast path, or NotReady naming what is missing."""
+    """The project's per-layer path as the engine runs it, or NotReady naming what is missing.
+
+    ``prepare_base_layer`` once per (trace, layer), ``score_layer`` per descendant: the
+    full analysis (it also computes PC1-carried share, massive activations and the
+    norm diagnostics, which the reference does not; they are not compared).
+    """
     try:
-        from reasondiff.metrics import (
-            CkaStats,
-            dominant_datapoints,
-            linear_cka_and_ablated,
-            pc1_share,
-            rbf_cka_prepared,
-        )
+        from reasondiff.metrics.layer import prepare_base_layer, score_layer
     except ImportError as exc:
-        raise NotReady(f"reasondiff.metrics fast API: {exc}") from exc
+        raise NotReady(f"reasondiff.metrics.layer: {exc}") from exc
 
     def analyse(base: list[torch.Tensor], descs: list[list[torch.Tensor]]) -> Values:
         out: Values = {}
         for layer, x in enumerate(base):
-            sb = CkaStats.from_matrix(x, name="base")
-            share_b = float(pc1_share(sb))
+            side = prepare_base_layer(x, name="base", k=10)
             for j, desc in enumerate(descs):
-                sd = CkaStats.from_matrix(desc[layer], name="descendant")
-                lin, ablated = linear_cka_and_ablated(sb, sd, dominant_datapoints(sb, sd))
-                out[(j, layer, "linear")] = float(lin)
-                out[(j, layer, "linear_without_dominant")] = float(ablated)
-                out[(j, layer, "rbf")] = float(rbf_cka_prepared(sb, sd, median=MEDIAN))
-                out[(j, layer, "pc1_share_base")] = share_b
-                out[(j, layer, "pc1_share_descendant")] = float(pc1_share(sd))
+                got = score_layer(side, desc[layer], k=10, rbf_median=MEDIAN)["metrics"]
+                for metric in METRICS:
+                    out[(j, layer, metric)] = float(got[metric])
         return out
 
     return analyse
@@ -115,6 +114,16 @@ def _timed(fn: Callable[[], Values], repeats: int) -> tuple[list[float], Values]
 
 
 def run(*, quick: bool) -> list[Result]:
+    """Both sides single-threaded (:data:`THREADS`), the torch setting restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        return _run(quick=quick)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(*, quick: bool) -> list[Result]:
     ours = ours_analysis()
     configs = quick_configs() if quick else full_configs()
     rows: list[list[object]] = []
@@ -157,7 +166,8 @@ def run(*, quick: bool) -> list[Result]:
             ]
         )
     print_table(
-        "cka_group: one base vs k descendants, all metrics per layer (seconds summed over traces; "
+        f"cka_group: one base vs k descendants, all metrics per layer, {THREADS} torch thread "
+        "(seconds summed over traces; "
         f"median of repeats; RBF median convention '{MEDIAN}' on both sides)",
         [
             "N",

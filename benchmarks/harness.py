@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,21 +37,43 @@ class NotReady(Exception):
     """
 
 
+#: How a result relates to its goal: judged against it, measured where the goal does not
+#: apply (a GPU goal from a CPU or ``--tiny`` run: ``n/a``), or not run in this mode.
+Scope = Literal["goal", "n/a", "not measured"]
+
+
 @dataclass(frozen=True)
 class Result:
-    """One grep-able result line: ``NAME: ratio=X.XX goal=OP G status=ok|short``."""
+    """One grep-able result line: ``NAME: ratio=X.XX goal=OP G status=ok|short|n/a|not measured``.
+
+    ``scope="goal"`` (default) judges the ratio: ``ok`` or ``short``. ``scope="n/a"`` keeps
+    the measured value but says the goal does not apply to this run (e.g. a GPU goal from
+    a CPU run); ``scope="not measured"`` is a probe this mode skips. Neither is short.
+    """
 
     name: str
     ratio: float | None
     op: str
     goal: float
     reason: str = ""
+    scope: Scope = "goal"
 
     @property
     def ok(self) -> bool:
         if self.ratio is None or math.isnan(self.ratio):
             return False
         return _OPS[self.op](self.ratio, self.goal)
+
+    @property
+    def short(self) -> bool:
+        """Judged against its goal and missing it (n/a and not-measured lines never are)."""
+        return self.scope == "goal" and not self.ok
+
+    @property
+    def status(self) -> str:
+        if self.scope != "goal":
+            return self.scope
+        return "ok" if self.ok else "short"
 
     def line(self) -> str:
         if self.op not in _OPS:
@@ -63,9 +85,8 @@ class Result:
         else:
             ratio = f"{self.ratio:.2f}"
         goal = f"{self.goal:g}"
-        status = "ok" if self.ok else "short"
-        tail = f"  # {self.reason}" if self.reason and not self.ok else ""
-        return f"{self.name}: ratio={ratio} goal={self.op} {goal} status={status}{tail}"
+        tail = f"  # {self.reason}" if self.reason and (self.short or self.scope != "goal") else ""
+        return f"{self.name}: ratio={ratio} goal={self.op} {goal} status={self.status}{tail}"
 
 
 @dataclass

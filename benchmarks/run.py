@@ -1,8 +1,10 @@
 """Run reasondiff's benchmarks: ``python benchmarks/run.py [--quick] [--only NAME]``.
 
 Each benchmark prints a table of raw figures, then result lines of the form
-``NAME: ratio=X.XX goal=OP G status=ok|short``. A missed goal (``short``) is a result and
-keeps the exit status 0; only a crash of a benchmark exits non-zero.
+``NAME: ratio=X.XX goal=OP G status=ok|short|n/a|not measured``. A missed goal (``short``)
+is a result and keeps the exit status 0; only a crash of a benchmark exits non-zero.
+``n/a``: measured, but the goal does not apply to this run (a GPU goal from a CPU or
+``--tiny`` run); ``not measured``: a probe this mode skips. Neither counts as short.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     print(_machine_line(), flush=True)
     failed = False
     lines: list[str] = []
+    every: list[Result] = []
     for name in names:
         print(f"\n=== {name} ({'quick' if args.quick else 'full'}) ===", flush=True)
         start = time.perf_counter()
@@ -68,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             print(r.line(), flush=True)
             lines.append(r.line())
+            every.append(r)
         print(f"({name} took {time.perf_counter() - start:.1f} s)", flush=True)
     print("\n=== summary ===")
     print("\n".join(lines))
+    print(f"short: {sum(r.short for r in every)} of {len(every)}")
     return 1 if failed else 0
 
 

@@ -8,11 +8,14 @@ kernel and the cross terms per descendant. Tensors stay on the device they come 
 (float64 for Grams and HSIC: massive activations of ~1e4 cancel catastrophically in
 float32).
 
-``form`` chooses how the statistics are held: ``"auto"`` (the CPU choice: the feature
-form X^T Y when N > D, no N x N matrix) or ``"gram"`` (the GPU choice: N x N Grams, so the
-base's RBF kernel is built once and every descendant's kernel comes from its own Gram
-without a second O(N^2 D) product). Both give the same values to float64 round-off
-(tests compare them at 1e-9 on data with massive activations).
+Up to :data:`GRAM_ROWS_MAX` tokens both sides hold their N x N Gram matrix, whatever
+``form`` says, on CPU and CUDA alike: the RBF kernel needs the descendant's squared
+distances, i.e. its Gram, anyway, so that one O(N^2 D) product is all a descendant
+costs, and the O(N^2) rest runs in cache-sized passes (:mod:`.fused`). Beyond
+:data:`GRAM_ROWS_MAX`, ``form="auto"`` keeps the feature form X^T Y (no N x N matrix).
+The Gram form sums the off-diagonal terms directly; the feature form subtracts the
+diagonal mass, so the two agree to the round-off that cancellation allows (tests
+compare them at 1e-9 on data with massive activations).
 
 Pure: tensors in, plain dicts out. No pytest, no I/O, no models.
 """
@@ -22,12 +25,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 from ..records import CKA_METRICS, DIAGNOSTIC_METRICS
 from ._validate import Matrix
-from .dominant import dominant_datapoints, projection_norm_correlation, top_norm_overlap
+from .dominant import (
+    _top,
+    dominant_datapoints,
+    projection_norm_correlation,
+    top_norm_overlap,
+)
+from .fused import score_fused
 from .massive import MassiveActivations, massive_activations
-from .pca import pc1_carried_share, pc1_share
-from .prepared import CkaStats, linear_cka_and_ablated, rbf_cka_prepared
+from .pca import carried_share_of, pc1_carried_share, pc1_projection, pc1_share
+from .prepared import CkaStats, _checked_drop, linear_cka_and_ablated, rbf_cka_prepared
 
 Form = Literal["auto", "gram"]
 
@@ -58,7 +69,7 @@ def prepare_side(x: Matrix, *, name: str, k: int, form: Form = "auto") -> Prepar
     ``x`` may be in any floating dtype on any device: the massive-activation search runs
     in that dtype (|a| is exact there), the CKA statistics in float64 on the same device.
     """
-    use_gram = form == "gram" and int(x.shape[0]) <= GRAM_ROWS_MAX
+    use_gram = form in ("auto", "gram") and int(x.shape[0]) <= GRAM_ROWS_MAX
     stats = CkaStats.from_matrix(x, name=name, form="gram" if use_gram else "auto")
     return PreparedSide(
         stats=stats,
@@ -86,7 +97,9 @@ def score_layer(
     """All metrics of one (pair, trace, layer) as a JSON-able cache entry.
 
     Returns ``{"metrics": {name: float}, "massive": {"base": [positions, max_abs],
-    "descendant": [...]}}``; the metric names are :data:`LAYER_METRICS`.
+    "descendant": [...]}, "dominant": {"base": [[position, |pc1 projection|], ...],
+    "descendant": [...]}}``; the metric names are :data:`LAYER_METRICS`, and each
+    side's ``dominant`` list is its top-k tokens by |PC1 projection|, largest first.
     """
     side = (
         y
@@ -95,14 +108,23 @@ def score_layer(
     )
     sx, sy = base.stats, side.stats
     u = dominant_datapoints(sx, sy, k=k)
-    linear, without = linear_cka_and_ablated(sx, sy, u)
+    if sx.gram is not None and sy.gram is not None:
+        drop = _checked_drop(u, sx.n, True)
+        assert drop is not None
+        fused = score_fused(sx, sy, drop, median=rbf_median)
+        linear, without, rbf = fused.linear, fused.linear_without, fused.rbf
+        carried = carried_share_of(sx, sy, fused.t_xy + torch.dot(sx.r, sy.r))
+    else:
+        linear, without = linear_cka_and_ablated(sx, sy, u)
+        rbf = rbf_cka_prepared(sx, sy, median=rbf_median)
+        carried = pc1_carried_share(sx, sy)
     values: dict[str, float] = {
         "linear": linear,
-        "rbf": rbf_cka_prepared(sx, sy, median=rbf_median),
+        "rbf": rbf,
         "linear_without_dominant": without,
         "pc1_share_base": base.pc1_share,
         "pc1_share_descendant": side.pc1_share,
-        "pc1_carried": pc1_carried_share(sx, sy),
+        "pc1_carried": carried,
         "dominant_count": int(u.numel()),
         "top_norm_overlap_base": base.top_norm_overlap,
         "top_norm_overlap_descendant": side.top_norm_overlap,
@@ -117,7 +139,15 @@ def score_layer(
             "base": [list(base.massive.positions), float(base.massive.max_abs)],
             "descendant": [list(side.massive.positions), float(side.massive.max_abs)],
         },
+        "dominant": {"base": top_tokens(sx, k), "descendant": top_tokens(sy, k)},
     }
+
+
+def top_tokens(stats: CkaStats, k: int) -> list[list[float]]:
+    """[[position, |PC1 projection|], ...] of the k tokens with the largest |projection|,
+    largest first (ties by position), as :func:`~.dominant.dominant_datapoints` ranks them."""
+    p = pc1_projection(stats)
+    return [[int(i), float(p[i])] for i in _top(p, min(k, stats.n)).tolist()]
 
 
 def score_pair_layer(

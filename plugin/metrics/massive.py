@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import MetricInputError
@@ -58,9 +59,12 @@ def _median(a: Tensor) -> float:
     if flat.is_cuda:  # a sort-based kthvalue of ~15 M values is the slow part on a GPU
         lo, nxt = kth_by_counting(flat, (m - 1) // 2, with_next=m % 2 == 0)
         return lo if m % 2 else 0.5 * (lo + nxt)
-    lo = float(torch.kthvalue(flat, (m + 1) // 2).values)
-    hi = float(torch.kthvalue(flat, m // 2 + 1).values) if m % 2 == 0 else lo
-    return 0.5 * (lo + hi)
+    # one introselect for both middle ranks (two kthvalue calls each copy and select)
+    ranks = sorted({(m - 1) // 2, m // 2})
+    if flat.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        flat = flat.float()
+    part = np.partition(flat.detach().cpu().numpy(), ranks)
+    return 0.5 * (float(part[ranks[0]]) + float(part[ranks[-1]]))
 
 
 def massive_activations(

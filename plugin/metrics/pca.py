@@ -31,25 +31,61 @@ Tensor = torch.Tensor
 _SMALL_GAP = 0.9
 
 
-def _top_eigenpair(a: Tensor, *, tol: float = 1e-12, max_iter: int = 150) -> tuple[float, Tensor]:
+def _top_eigenpair(
+    a: Tensor, *, diag: Tensor | None = None, tol: float = 1e-12, max_iter: int = 150
+) -> tuple[float, Tensor]:
     """Largest eigenvalue and its unit eigenvector of a symmetric PSD matrix (float64).
+
+    The matrix is ``a + diag(diag)`` when ``diag`` is given (an off-diagonal Gram and its
+    diagonal: the iteration multiplies by the two parts, so no N x N sum is built
+    unless ``eigh`` is needed). :func:`_iterate_top` first, ``eigh`` if it does not settle.
+    """
+    top = _iterate_top(a, diag=diag, tol=tol, max_iter=max_iter)
+    if top is not None:
+        return top
+    evals, evecs = torch.linalg.eigh(a if diag is None else a + torch.diag(diag))
+    return max(float(evals[-1]), 0.0), evecs[:, -1]
+
+
+def _iterate_top(
+    a: Tensor,
+    *,
+    diag: Tensor | None = None,
+    tol: float = 1e-12,
+    max_iter: int = 150,
+    columns: bool = False,
+) -> tuple[float, Tensor] | None:
+    """The top eigenpair of ``a (+ diag(diag))`` by block subspace iteration, or ``None``.
 
     Block subspace iteration (16 vectors, fixed seed, so deterministic) with a
     Rayleigh-Ritz step, stopped when the residual ||A v - theta v|| <= tol x theta; costs a
     few m^2 x 16 products instead of a full O(m^3) eigendecomposition, which matters
-    for m ~ 2000 tokens on a CPU and for every layer on a GPU. Falls back to ``eigh`` for
-    small m, for a zero matrix, when the gap between the first two eigenvalues is small
-    (ratio > ``_SMALL_GAP`` after a few steps: ill-conditioned, slow to converge) or when
-    the iteration does not converge.
+    for m ~ 2000 tokens on a CPU and for every layer on a GPU. ``None`` (use ``eigh``)
+    for small m, for a zero matrix, when the gap between the first two eigenvalues is
+    small (ratio > ``_SMALL_GAP`` after a few steps: ill-conditioned, slow to converge)
+    or when the iteration does not converge. ``columns``: start from the matrix's own
+    columns at the 16 largest diagonal entries (a Gram's largest-norm tokens), which
+    is one power step already taken, with no product.
     """
     m = a.shape[0]
+
+    def times(v: Tensor) -> Tensor:
+        return a @ v if diag is None else torch.addcmul(a @ v, diag[:, None], v)
+
     if m > 64:
-        gen = torch.Generator().manual_seed(0)
-        block = torch.randn(m, min(16, m), generator=gen, dtype=a.dtype).to(a.device)
-        block = a @ block
+        if columns:
+            d = a.diagonal() if diag is None else diag
+            idx = torch.sort(d, descending=True, stable=True).indices[:16]
+            block = a[:, idx].clone()
+            if diag is not None:
+                block[idx, torch.arange(idx.numel(), device=a.device)] += diag[idx]
+        else:
+            gen = torch.Generator().manual_seed(0)
+            block = torch.randn(m, min(16, m), generator=gen, dtype=a.dtype).to(a.device)
+            block = times(block)
         for step in range(max_iter):
             q, _ = torch.linalg.qr(block)
-            aq = a @ q
+            aq = times(q)
             t = q.T @ aq
             w, s = torch.linalg.eigh(0.5 * (t + t.T))
             theta = float(w[-1])
@@ -62,18 +98,22 @@ def _top_eigenpair(a: Tensor, *, tol: float = 1e-12, max_iter: int = 150) -> tup
             if res <= tol * theta:
                 return theta, v
             block = aq
-    evals, evecs = torch.linalg.eigh(a)
-    return max(float(evals[-1]), 0.0), evecs[:, -1]
+    return None
 
 
 def _pc1(s: CkaStats) -> tuple[Tensor, float, float]:
     """(signed projections Xc v1, top eigenvalue sigma_1^2, total variance ||Xc||_F^2)."""
     if s.pc1_cache is None:
         n, d = s.shape
-        if s.gram is not None and n <= d:  # the smaller of N x N and D x D
-            lam, u = _top_eigenpair(s.gram + torch.diag(s.r))
+        top: tuple[float, Tensor] | None = None
+        if s.gram is not None:  # the Gram is there: iterate on it, no D x D product
+            top = _iterate_top(s.gram, diag=s.r, columns=True)
+            if top is None and n <= d:
+                top = _top_eigenpair(s.gram, diag=s.r)
+        if top is not None:
+            lam, u = top
             p = u * lam**0.5
-        else:
+        else:  # the smaller of N x N and D x D, by eigh if the iteration did not settle
             lam, v = _top_eigenpair(s.cov)
             p = s.xc @ v
         # fix the arbitrary sign (largest |p| positive) so results are reproducible
@@ -145,12 +185,17 @@ def pc1_carried_share(x: Matrix | CkaStats, y: Matrix | CkaStats) -> float:
         raise MetricInputError(
             f"x and y must have the same number of rows (tokens): {sx.describe()} vs {sy.describe()}"
         )
-    px, py = _pc1(sx)[0], _pc1(sy)[0]
     if sx.gram is not None and sy.gram is not None:
         total = torch.dot(sx.gram.reshape(-1), sy.gram.reshape(-1)) + torch.dot(sx.r, sy.r)
     else:
         c = sx.xc.T @ sy.xc
         total = torch.dot(c.reshape(-1), c.reshape(-1))
+    return carried_share_of(sx, sy, total)
+
+
+def carried_share_of(sx: CkaStats, sy: CkaStats, total: Tensor) -> float:
+    """:func:`pc1_carried_share` given ||Xc^T Yc||_F^2 = tr(K~ L~) + r . s, known already."""
+    px, py = _pc1(sx)[0], _pc1(sy)[0]
     if not float(total) > 0.0:
         raise MetricInputError(
             f"pc1_carried_share: Xc^T Yc is 0 for {sx.describe()} and {sy.describe()} "

@@ -83,6 +83,7 @@ class CkaStats:
         self._rbf: dict[tuple[float, str], tuple[Tensor, Tensor, Tensor]] = {}
         self._sq_median: dict[str, float] = {}
         self._d2: Tensor | None = None  # see small_sq_dists()
+        self._norms: Tensor | None = None  # see row_norms()
         if use_gram:
             g = self.xc @ self.xc.T
             g.fill_diagonal_(0.0)
@@ -113,8 +114,10 @@ class CkaStats:
         return self.shape[0]
 
     def row_norms(self) -> Tensor:
-        """Token norms ||x_i|| of the raw (uncentred) rows."""
-        return (self.xc + self.mean).square().sum(1).sqrt()
+        """Token norms ||x_i|| of the raw (uncentred) rows (cached: two diagnostics use them)."""
+        if self._norms is None:
+            self._norms = (self.xc + self.mean).square().sum(1).sqrt()
+        return self._norms
 
     @property
     def cov(self) -> Tensor:
@@ -144,10 +147,14 @@ class CkaStats:
 
     def sigma2(self, scale: float, median: str) -> float:
         """RBF bandwidth squared, scale^2 x median squared distance; cached per median."""
+        return scale * scale * self._median2(median)
+
+    def _median2(self, median: str, d2: Tensor | None = None) -> float:
+        """Median squared pair distance, cached per convention; ``d2`` if built already."""
         if median not in self._sq_median:
             small = self.small_sq_dists()
             if self.gram is not None or small is not None:
-                d2 = self._sq_dists() if small is None else small
+                d2 = d2 if d2 is not None else self._sq_dists() if small is None else small
                 self._sq_median[median] = _sq_median_stream(
                     lambda: [upper_values(d2)],
                     self.n,
@@ -161,7 +168,7 @@ class CkaStats:
                 )
         med2 = self._sq_median[median]
         _check_bandwidth(med2, self.r, self.describe(), median)
-        return scale * scale * med2
+        return med2
 
     def _sq_dists(self) -> Tensor:
         assert self.gram is not None
@@ -172,8 +179,9 @@ class CkaStats:
         """(off-diagonal RBF Gram, its row sums, tr(K~ K~)), cached; needs the Gram."""
         key = (scale, median)
         if key not in self._rbf:
-            s2 = self.sigma2(scale, median)
-            k = torch.exp_(self._sq_dists().mul_(-0.5 / s2))
+            d2 = self._sq_dists()  # built once: the median and then, in place, the kernel
+            s2 = scale * scale * self._median2(median, d2)
+            k = torch.exp_(d2.mul_(-0.5 / s2))
             k.fill_diagonal_(0.0)
             kv = k.reshape(-1)
             self._rbf[key] = (k, k.sum(1), torch.dot(kv, kv))

@@ -92,3 +92,33 @@ def test_failing_child_raises_with_its_stderr() -> None:
 def test_child_json_reads_the_last_line() -> None:
     run = run_child([sys.executable, "-c", "print('noise'); print('{\"a\": 1}')"])
     assert run.json() == {"a": 1}
+
+
+def test_na_and_not_measured_keep_the_value_and_are_never_short() -> None:
+    na = Result("gpu_study_compare_metrics_ms", 42.0, "<=", 10, reason="--tiny", scope="n/a")
+    assert na.line() == "gpu_study_compare_metrics_ms: ratio=42.00 goal=<= 10 status=n/a  # --tiny"
+    assert not na.short
+    skipped = Result("cka_scale_rbf_memory", None, "<=", 0.25, reason="quick", scope="not measured")
+    assert skipped.line() == (
+        "cka_scale_rbf_memory: ratio=n/a goal=<= 0.25 status=not measured  # quick"
+    )
+    assert not skipped.short
+    assert Result("x", 2.0, "<=", 1).short  # a judged miss still is
+    assert not Result("x", 0.5, "<=", 1).short
+
+
+@pytest.mark.parametrize("tiny, device", [(True, "cpu"), (False, "cpu"), (True, "cuda")])
+def test_gpu_timing_goals_from_a_tiny_or_cpu_run_are_na(tiny: bool, device: str) -> None:
+    from benchmarks.gpu_study import gpu_scoped
+
+    ms = gpu_scoped(Result("gpu_study_compare_metrics_ms", 50.0, "<=", 10.0), tiny, device)
+    assert ms.status == "n/a" and ms.ratio == 50.0
+    fwd = gpu_scoped(Result("gpu_study_compare_forwards_per_trace", 4.0, "<=", 4.0), tiny, device)
+    assert fwd.status == "ok"  # a count holds on any device
+
+
+def test_gpu_timing_goals_on_a_full_gpu_run_are_judged() -> None:
+    from benchmarks.gpu_study import gpu_scoped
+
+    r = gpu_scoped(Result("gpu_study_compare_metrics_ms", 50.0, "<=", 10.0), False, "cuda:0")
+    assert r.status == "short"
