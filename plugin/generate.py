@@ -111,7 +111,7 @@ def load_dataset_problems(
     cache only). Unreachable: an error naming the dataset and ``--problems``.
     """
     try:
-        rows = _dataset_rows(dataset, split)
+        rows = list(_dataset_rows(dataset, split))
     except ReasondiffError:
         raise
     except Exception as exc:  # network, unknown id, unknown split: all end here

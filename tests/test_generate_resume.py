@@ -159,22 +159,23 @@ _SLOW_RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_generation_resumes_after_sigkill(
     toy_base: Path, problems: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "killed" / "set.jsonl"
     argv = _argv(toy_base, problems, out, "--batch-size", "1")
     env = {**os.environ, "CI": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_RUN, *argv], env=env, stderr=subprocess.PIPE, text=True
-    )
+    log = tmp_path / "killed.log"
+    with log.open("w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-c", _SLOW_RUN, *argv], env=env, stderr=err_file)
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if out.exists() and len(out.read_bytes().splitlines()) >= 2:
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()}"
+        assert proc.poll() is None, f"the run ended before it was killed: {log.read_text()}"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
