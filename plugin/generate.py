@@ -43,9 +43,9 @@ from typing import Any
 from .decode import Backend, Decoding, TransformersBackend, VllmBackend, auto_batch_size
 from .errors import ModelLoadError, ReasondiffError, TraceError
 from .traces import (
+    FORMAT_VERSION,
     HEADER_KEY,
     MIN_TRACE_TOKENS,
-    FORMAT_VERSION,
     Trace,
     TraceAppender,
     TraceSet,
@@ -321,7 +321,9 @@ def generate_trace(
 def _trace(tokenizer: Any, trace_id: str, ids: tuple[int, ...]) -> Trace:
     if len(ids) < MIN_TRACE_TOKENS:
         raise TraceError(f"trace {trace_id!r} is shorter than {MIN_TRACE_TOKENS} tokens")
-    text = tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    text = tokenizer.decode(
+        list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
     return Trace(id=trace_id, text=text, token_ids=ids)
 
 
@@ -574,7 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
         "trace sets: one model's (--model), or a registry group's recipe (--group).",
     )
     who = ap.add_mutually_exclusive_group(required=True)
-    who.add_argument("--model", help="hub id (org/name), local checkpoint directory or toy:<recipe>")
+    who.add_argument(
+        "--model", help="hub id (org/name), local checkpoint directory or toy:<recipe>"
+    )
     who.add_argument(
         "--group",
         help="make the trace sets of this registry group's trace recipe (its dataset, "
@@ -598,9 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--limit", type=_positive, help="first N problems (default: the recipe's, else 50)"
     )
-    ap.add_argument(
-        "--max-new-tokens", type=_positive, help="default: the recipe's, else 4096"
-    )
+    ap.add_argument("--max-new-tokens", type=_positive, help="default: the recipe's, else 4096")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ap.add_argument(
         "--batch-size",
@@ -645,7 +647,13 @@ def _jobs(args: argparse.Namespace) -> tuple[list[Job], dict[str, Any]]:
         known = registry.find_by_source(args.model)
         key = known.key if known is not None else key_from_source(args.model)
         job = Job(source=args.model, key=key, out=args.out, name=args.name or args.out.stem)
-        return [job], {"dataset": STUDY_DATASET, "split": "test", "field": "problem", "limit": 50, "max_new_tokens": 4096}
+        return [job], {
+            "dataset": STUDY_DATASET,
+            "split": "test",
+            "field": "problem",
+            "limit": 50,
+            "max_new_tokens": 4096,
+        }
     if args.name:
         raise ReasondiffError("--name is for --model; a group's sets are named after the group")
     recipe = registry.group(args.group).trace_recipe

@@ -37,6 +37,7 @@ def group_trace_file(directory: str | Path, group: str, role: str) -> Path:
         raise ValueError(f"trace set role {role!r} is not one of {ROLES}")
     return Path(directory).expanduser() / f"{group}-{role}.jsonl"
 
+
 _HOW = (
     "make traces with `reasondiff-traces --model BASE --problems problems.jsonl --limit 50 "
     "--out traces.jsonl` and pass --traces traces.jsonl (or --traces toy to compare on the "

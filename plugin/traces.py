@@ -385,7 +385,7 @@ class TraceAppender:
             self._fh.truncate(keep_bytes)
             self._fh.seek(keep_bytes)
         else:
-            self._fh = open(self.path, "wb")  # noqa: SIM115
+            self._fh = open(self.path, "w+b")  # noqa: SIM115
             os.chmod(self.path, file_mode())
             self._write(json.dumps(header, ensure_ascii=False) + "\n")
 

@@ -94,5 +94,5 @@ def test_an_interrupted_groups_set_is_refused(registry: Registry, tmp_path: Path
 
 def test_traces_directory_needs_a_group(registry: Registry, tmp_path: Path) -> None:
     options, pairs = _adhoc("org/base", "org/rl", traces=str(tmp_path))
-    with pytest.raises(TraceError, match="an ad-hoc pair needs --traces FILE.jsonl"):
+    with pytest.raises(TraceError, match=r"an ad-hoc pair needs --traces FILE\.jsonl"):
         trace_specs(options, registry, pairs)

@@ -40,7 +40,9 @@ def test_study_groups_follow_the_studys_recipe(registry: Registry, group: str) -
 def test_a_bad_recipe_is_a_named_registry_error(tmp_path: Path) -> None:
     bad = tmp_path / "r.toml"
     bad.write_text('[groups.g.trace_recipe]\ndataset = "d"\ngenerator = "m"\nlimit = 0\n')
-    with pytest.raises(RegistryError, match=r"\[groups\.g\.trace_recipe\]\.limit must be an integer >= 1"):
+    with pytest.raises(
+        RegistryError, match=r"\[groups\.g\.trace_recipe\]\.limit must be an integer >= 1"
+    ):
         Registry.load([bad])
     bad.write_text('[groups.g.trace_recipe]\ndataset = "d"\n')
     with pytest.raises(RegistryError, match=r"\[groups\.g\.trace_recipe\] has no 'generator'"):

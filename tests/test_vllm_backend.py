@@ -68,9 +68,7 @@ class FakeLLM:
             cont = [10 + (sum(ids) + k) % 40 for k in range(n)][: params.max_tokens]
             if len(cont) < (params.max_tokens or 0):
                 cont.append(EOS)
-            out.append(
-                RequestOutput(str(i), None, list(ids), [CompletionOutput(0, "", cont)])
-            )
+            out.append(RequestOutput(str(i), None, list(ids), [CompletionOutput(0, "", cont)]))
         return out  # vLLM returns outputs in request order
 
 
@@ -88,7 +86,7 @@ def test_contract_prompt_ids_in_token_ids_out(fake_vllm: types.ModuleType) -> No
     counted: list[int] = []
     prompts = [[1, 5, 6], [1, 7, 8, 9]]
     conts = backend.generate(prompts, counted.append)
-    (sent, params), = llm.calls
+    ((sent, params),) = llm.calls
     assert sent == [{"prompt_token_ids": [1, 5, 6]}, {"prompt_token_ids": [1, 7, 8, 9]}]
     assert (params.temperature, params.max_tokens) == (0, 5)
     # the double's rule: 3 + sum % 4 ids from 10 + (sum + k) % 40, then EOS within max_tokens
@@ -98,7 +96,9 @@ def test_contract_prompt_ids_in_token_ids_out(fake_vllm: types.ModuleType) -> No
 
 def test_outputs_for_other_prompts_are_refused(fake_vllm: types.ModuleType) -> None:
     class Shuffled(FakeLLM):
-        def generate(self, prompts: list[Any], params: SamplingParams, use_tqdm: bool = True) -> Any:
+        def generate(
+            self, prompts: list[Any], params: SamplingParams, use_tqdm: bool = True
+        ) -> Any:
             return list(reversed(super().generate(prompts, params, use_tqdm)))
 
     backend = VllmBackend(Shuffled(), decoding=Decoding(max_new_tokens=5))
