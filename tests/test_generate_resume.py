@@ -191,3 +191,19 @@ def test_generation_resumes_after_sigkill(
     fresh = tmp_path / "fresh" / "set.jsonl"
     assert generate.main([*_argv(toy_base, problems, fresh, "--batch-size", "1"), "--quiet"]) == 0
     assert out.read_bytes() == fresh.read_bytes()
+
+
+def test_live_bar_on_a_terminal_keeps_the_per_trace_lines(
+    toy_base: Path,
+    problems: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from reasondiff import progress
+
+    monkeypatch.setattr(progress, "live_bar_wanted", lambda *a, **k: True)
+    out = tmp_path / "set.jsonl"
+    assert generate.main(_argv(toy_base, problems, out, "--limit", "2")) == 0
+    err = capsys.readouterr().err
+    assert "set q0: " in err and "set q1: " in err and f"wrote 2 traces to {out}" in err
