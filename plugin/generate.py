@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .decode import Backend, Decoding, TransformersBackend, VllmBackend, auto_batch_size
 from .errors import ModelLoadError, ReasondiffError, TraceError
@@ -55,6 +55,9 @@ from .traces import (
     save_trace_set,
     tokenizer_identity,
 )
+
+if TYPE_CHECKING:
+    from .registry import TraceRecipe
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 THINK = "<think>"
@@ -217,13 +220,11 @@ def build_prompt_ids(tokenizer: Any, problem: str) -> list[int]:
 def prompt_recipe(tokenizer: Any) -> dict[str, Any]:
     """The prompt half of the provenance: instruction, template hash, forced ``<think>``."""
     template = getattr(tokenizer, "chat_template", None)
-    source = str(template) if template else FALLBACK_TEMPLATE
+    digest = hashlib.sha256(str(template or FALLBACK_TEMPLATE).encode()).hexdigest()[:16]
     _, append_think = _render(tokenizer, "x")
     return {
         "instruction": INSTRUCTION,
-        "chat_template": "sha256:" + hashlib.sha256(source.encode()).hexdigest()[:16]
-        if template
-        else "fallback:sha256:" + hashlib.sha256(source.encode()).hexdigest()[:16],
+        "chat_template": f"sha256:{digest}" if template else f"fallback:sha256:{digest}",
         "forced_think": "appended <think>\\n" if append_think else "opened by the template",
     }
 
@@ -637,9 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _jobs(args: argparse.Namespace) -> tuple[list[Job], dict[str, Any]]:
-    """The trace sets to make and the problem source (dataset, split, field, limit, tokens)."""
-    from .registry import Registry, key_from_source
+def _jobs(args: argparse.Namespace) -> tuple[list[Job], TraceRecipe]:
+    """The trace sets to make and the recipe whose problems and settings they follow."""
+    from .registry import Registry, TraceRecipe, key_from_source
     from .trace_choice import group_trace_file
 
     registry = Registry.load(args.registry)
@@ -647,13 +648,7 @@ def _jobs(args: argparse.Namespace) -> tuple[list[Job], dict[str, Any]]:
         known = registry.find_by_source(args.model)
         key = known.key if known is not None else key_from_source(args.model)
         job = Job(source=args.model, key=key, out=args.out, name=args.name or args.out.stem)
-        return [job], {
-            "dataset": STUDY_DATASET,
-            "split": "test",
-            "field": "problem",
-            "limit": 50,
-            "max_new_tokens": 4096,
-        }
+        return [job], TraceRecipe(dataset=STUDY_DATASET, generator=key)  # the defaults
     if args.name:
         raise ReasondiffError("--name is for --model; a group's sets are named after the group")
     recipe = registry.group(args.group).trace_recipe
@@ -667,14 +662,7 @@ def _jobs(args: argparse.Namespace) -> tuple[list[Job], dict[str, Any]]:
         spec = registry.model(key)
         out = group_trace_file(args.out, args.group, role)
         jobs.append(Job(spec.source, key, out, out.stem, group=args.group, role=role))
-    source = {
-        "dataset": recipe.dataset,
-        "split": recipe.split,
-        "field": recipe.field,
-        "limit": recipe.limit,
-        "max_new_tokens": recipe.max_new_tokens,
-    }
-    return jobs, source
+    return jobs, recipe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -682,17 +670,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         jobs, recipe = _jobs(args)
-        limit = args.limit or recipe["limit"]
+        limit = args.limit or recipe.limit
         if args.problems is not None:
             problems = load_problems(args.problems, limit=limit)
             problems_from = f"file {args.problems.name}"
         else:
-            dataset = args.dataset or recipe["dataset"]
-            split, field = args.split or recipe["split"], args.field or recipe["field"]
+            dataset = args.dataset or recipe.dataset
+            split, field = args.split or recipe.split, args.field or recipe.field
             problems = load_dataset_problems(dataset, split=split, field=field, limit=limit)
             problems_from = f"dataset {dataset} split {split} field {field}"
         settings = Settings(
-            decoding=Decoding(args.max_new_tokens or recipe["max_new_tokens"], args.temperature),
+            decoding=Decoding(args.max_new_tokens or recipe.max_new_tokens, args.temperature),
             device="cuda" if args.backend == "vllm" else resolve_device(args.device),
             dtype=args.dtype,
             batch_size=args.batch_size,
