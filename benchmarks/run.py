@@ -30,6 +30,7 @@ BENCHMARKS = {
     "pipeline": "bench_pipeline",
     "cka_scale": "bench_cka_scale",
     "gpu_study": "gpu_study",
+    "generate": "bench_generate",
 }
 #: Goal of each benchmark's main line, used when it cannot run at all.
 MAIN_GOAL = {
@@ -39,6 +40,7 @@ MAIN_GOAL = {
     "pipeline": (">=", 5.0),
     "cka_scale": ("<=", 1.3),
     "gpu_study": ("<=", 10.0),
+    "generate": (">=", 3.0),
 }
 
 

@@ -7,7 +7,14 @@ A trace set is a JSONL file, one trace per line::
 
 The optional first line names the set and the identity of the tokenizer that produced
 ``token_ids`` (:func:`tokenizer_identity`, a content hash; ``null`` = unknown). Without
-a header the set is named after the file and its tokenizer is unknown.
+a header the set is named after the file and its tokenizer is unknown. A set written by
+``reasondiff-traces`` also records its provenance in the header (``generator``,
+``recipe``, ``decoding``, ``dtype``, ``batch_size``, ``backend``, ``reasondiff_version``;
+:data:`PROVENANCE_KEYS`); :func:`trace_set_generator` names the generator in one string.
+
+Resumable writing (:class:`TraceAppender`, :func:`read_partial`): the header goes first,
+each finished trace is appended, flushed and fsync'd, so a killed run loses at most the
+traces in flight; a half-written last line is dropped with a note on resume.
 Contract for ``text``: it is the full decoded sequence *including* special tokens
 (BOS, ``<think>``), so ``tokenizer(text, add_special_tokens=False)`` reproduces
 ``token_ids`` -- that is how a set is re-tokenized for a model with another tokenizer.
@@ -23,7 +30,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,17 @@ HEADER_KEY = "reasondiff_traces"
 FORMAT_VERSION = 1
 #: Debiased CKA needs N > 3 tokens (METHODS §2); shorter traces are refused on load.
 MIN_TRACE_TOKENS = 4
+#: Header keys ``reasondiff-traces`` adds to say how a set was made.
+PROVENANCE_KEYS = (
+    "generator",
+    "recipe",
+    "decoding",
+    "backend",
+    "dtype",
+    "batch_size",
+    "problems_from",
+    "reasondiff_version",
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,8 @@ class TraceSet:
     name: str
     traces: tuple[Trace, ...]
     tokenizer: str | None = None
+    #: the header's provenance keys (:data:`PROVENANCE_KEYS`) when it has any
+    provenance: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.traces, tuple):
@@ -143,6 +163,7 @@ def load_trace_set(path: str | os.PathLike[str], *, name: str | None = None) -> 
     """Read and validate a JSONL trace set; every error names the file and line."""
     p = Path(path)
     set_name, tokenizer = p.stem, None
+    provenance: dict[str, Any] | None = None
     traces: list[Trace] = []
     seen: dict[str, int] = {}
     for where, lineno, obj in iter_jsonl_objects(p, what="trace set"):
@@ -150,6 +171,7 @@ def load_trace_set(path: str | os.PathLike[str], *, name: str | None = None) -> 
             if traces or seen:
                 raise TraceError(f"{where}: the header line ({HEADER_KEY!r}) must come first")
             set_name, tokenizer = _parse_header(obj, where, default_name=set_name)
+            provenance = {k: obj[k] for k in PROVENANCE_KEYS if k in obj} or None
             continue
         trace = _parse_trace(obj, where)
         if trace.id in seen:
@@ -160,7 +182,23 @@ def load_trace_set(path: str | os.PathLike[str], *, name: str | None = None) -> 
         traces.append(trace)
     if not traces:
         raise TraceError(f"trace set file {p} contains no traces")
-    return TraceSet(name=name or set_name, traces=tuple(traces), tokenizer=tokenizer)
+    return TraceSet(
+        name=name or set_name, traces=tuple(traces), tokenizer=tokenizer, provenance=provenance
+    )
+
+
+def trace_set_generator(trace_set: TraceSet) -> str:
+    """The model that generated the set, for reports: ``key (source, fingerprint 1a2b..)``."""
+    gen = (trace_set.provenance or {}).get("generator")
+    if not isinstance(gen, dict):
+        return "unknown (no provenance in the trace set's header)"
+    key, source = gen.get("key"), gen.get("source")
+    fp = str(gen.get("fingerprint") or "")[:12]
+    who = str(key or source or "unknown")
+    details = [str(source)] if source and source != key else []
+    if fp:
+        details.append(f"fingerprint {fp}")
+    return f"{who} ({', '.join(details)})" if details else who
 
 
 def _parse_header(obj: dict[str, Any], where: str, *, default_name: str) -> tuple[str, str | None]:
@@ -211,23 +249,162 @@ def _parse_trace(obj: dict[str, Any], where: str) -> Trace:
     return Trace(id=tid, text=text, token_ids=tuple(ids))
 
 
+def make_header(trace_set: TraceSet) -> dict[str, Any]:
+    """The header line of ``trace_set``: format, name, tokenizer, then its provenance."""
+    header: dict[str, Any] = {
+        HEADER_KEY: FORMAT_VERSION,
+        "name": trace_set.name,
+        "tokenizer": trace_set.tokenizer,
+    }
+    header.update(trace_set.provenance or {})
+    return header
+
+
+def _trace_line(t: Trace) -> str:
+    row = {"id": t.id, "text": t.text, "token_ids": list(t.token_ids)}
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
 def save_trace_set(path: str | os.PathLike[str], trace_set: TraceSet) -> None:
     """Write ``trace_set`` (with a header line) atomically: temp file, then ``os.replace``."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    header = {HEADER_KEY: FORMAT_VERSION, "name": trace_set.name, "tokenizer": trace_set.tokenizer}
+    header = make_header(trace_set)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(header, ensure_ascii=False) + "\n")
             for t in trace_set.traces:
-                row = {"id": t.id, "text": t.text, "token_ids": list(t.token_ids)}
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.write(_trace_line(t))
         os.chmod(tmp, file_mode())  # mkstemp makes 0600; a shared cache's users read it
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ---------------------------------------------------------------- resumable writing
+@dataclass(frozen=True)
+class PartialSet:
+    """What an interrupted (or finished) run left in its output file."""
+
+    header: dict[str, Any]
+    traces: tuple[Trace, ...]
+    #: byte length of the intact part (a half-written last line is not in it)
+    good_bytes: int
+    notes: tuple[str, ...] = ()
+
+
+def read_partial(path: str | os.PathLike[str]) -> PartialSet | None:
+    """The header and intact traces of an output file; ``None`` if it does not exist.
+
+    Only the *last* line may be broken (no newline, or not JSON): that is what a kill
+    during a write leaves, and it is dropped with a note. Any other damage, or a file
+    without a ``reasondiff-traces`` header, is a :class:`TraceError` -- resuming onto it
+    could mix two runs.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TraceError(f"cannot read trace set file {p}: {exc}") from exc
+    lines = data.split(b"\n")
+    tail = lines.pop()  # bytes after the last newline: b"" unless a write was cut short
+    notes: list[str] = []
+    good = len(data) - len(tail)
+    if tail:
+        notes.append(
+            f"{p}: dropped a half-written last line ({len(tail)} bytes, no newline): "
+            "that trace is generated again"
+        )
+    header: dict[str, Any] | None = None
+    traces: list[Trace] = []
+    offset = 0
+    for lineno, raw in enumerate(lines, start=1):
+        where = f"{p}:{lineno}"
+        end = offset + len(raw) + 1
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = None
+        if obj is None and lineno == len(lines) and header is not None:
+            notes.append(f"{where}: dropped a half-written last line ({len(raw)} bytes)")
+            good = offset
+            break
+        if not isinstance(obj, dict):
+            raise TraceError(
+                f"{where}: not a trace set line; cannot resume onto this file "
+                "(remove it or choose another --out)"
+            )
+        if header is None:
+            if HEADER_KEY not in obj or "generator" not in obj:
+                raise TraceError(
+                    f"{p} exists but was not written by reasondiff-traces (its first line is "
+                    "not a header with provenance); remove it or choose another --out"
+                )
+            _parse_header(obj, where, default_name=p.stem)
+            header = obj
+        else:
+            traces.append(_parse_trace(obj, where))
+        offset = end
+    if header is None:
+        if good == 0:  # killed before the header was complete: nothing to keep
+            return PartialSet(header={}, traces=(), good_bytes=0, notes=tuple(notes))
+        raise TraceError(f"{p} has no header line; remove it or choose another --out")
+    return PartialSet(header=header, traces=tuple(traces), good_bytes=good, notes=tuple(notes))
+
+
+def header_mismatch(
+    found: dict[str, Any], wanted: dict[str, Any], keys: Sequence[str]
+) -> str | None:
+    """The first of ``keys`` whose value differs, as ``key: file has X, this run Y``."""
+    for key in keys:
+        if found.get(key) != wanted.get(key):
+            a = json.dumps(found.get(key), sort_keys=True)
+            b = json.dumps(wanted.get(key), sort_keys=True)
+            return f"{key}: the file has {a}, this run has {b}"
+    return None
+
+
+class TraceAppender:
+    """Appends traces to an output file, each flushed and fsync'd when written.
+
+    The first ``keep_bytes`` of an existing file are kept (0: start afresh with ``header``);
+    anything after them (a half-written line) is cut off first.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], header: dict[str, Any], *, keep_bytes: int = 0
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_bytes > 0:
+            self._fh = open(self.path, "r+b")  # noqa: SIM115 -- closed in close()
+            self._fh.truncate(keep_bytes)
+            self._fh.seek(keep_bytes)
+        else:
+            self._fh = open(self.path, "w+b")  # noqa: SIM115
+            os.chmod(self.path, file_mode())
+            self._write(json.dumps(header, ensure_ascii=False) + "\n")
+
+    def _write(self, line: str) -> None:
+        self._fh.write(line.encode("utf-8"))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def append(self, trace: Trace) -> None:
+        self._write(_trace_line(trace))
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> TraceAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------- transforms

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from reasondiff import generate
-from reasondiff.errors import TraceError
+from reasondiff.errors import ReasondiffError, TraceError
 from reasondiff.fixtures.toy import ensure_toy_model
 from reasondiff.fixtures.toy_traces import build_toy_tokenizer
 from reasondiff.traces import load_trace_set, tokenizer_identity
@@ -90,22 +90,60 @@ def test_bad_problems_files_name_file_and_line(
         generate.load_problems(_problems_file(tmp_path / "p.jsonl", rows))
 
 
-def test_dataset_without_the_datasets_package_is_a_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _hide_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Take the huggingface_hub path even where the ``datasets`` package is installed."""
     real = generate.importlib.util.find_spec
     monkeypatch.setattr(
         generate.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "datasets" else real(name, *a),
     )
-    rc = generate.main(
-        ["--model", "m", "--dataset", "HuggingFaceH4/MATH-500", "--out", str(tmp_path / "o.jsonl")]
-    )
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty hub cache in tmp, HF_HUB_OFFLINE=1, and no ``datasets`` package."""
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hide_datasets(monkeypatch)
+    return cache
+
+
+def test_unreachable_dataset_error_names_the_dataset_and_the_problems_option(
+    tmp_path: Path, offline_hub: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = generate.main(["--group", "distill7b", "--out", str(tmp_path / "traces")])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "needs the optional 'datasets' package" in err and "--problems FILE.jsonl" in err
-    assert not (tmp_path / "o.jsonl").exists()
+    assert "cannot load dataset 'HuggingFaceH4/MATH-500' split 'test'" in err
+    assert "--problems FILE.jsonl" in err
+    assert not (tmp_path / "traces").exists()  # nothing loaded, nothing written
+
+
+def test_dataset_from_an_offline_hub_cache_without_the_datasets_package(
+    offline_hub: Path,
+) -> None:
+    """The huggingface_hub path: MATH-500's layout (test.jsonl, field problem, unique_id)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = offline_hub / "datasets--HuggingFaceH4--MATH-500"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    rows = [
+        {"problem": f"Problem {i}", "answer": str(i), "unique_id": f"test/algebra/{i}.json"}
+        for i in range(5)
+    ]
+    (snap / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    probs = generate.load_dataset_problems("HuggingFaceH4/MATH-500", limit=3)
+    assert [(p.id, p.problem) for p in probs] == [
+        (f"test/algebra/{i}.json", f"Problem {i}") for i in range(3)
+    ]
+    with pytest.raises(ReasondiffError, match=r"has no field 'question'; fields: answer, problem"):
+        generate.load_dataset_problems("HuggingFaceH4/MATH-500", field="question")
 
 
 def test_cli_help_runs_as_a_module() -> None:
@@ -116,6 +154,10 @@ def test_cli_help_runs_as_a_module() -> None:
         check=True,
     )
     assert "--max-new-tokens" in out.stdout and "--problems" in out.stdout
+    assert "--batch-size" in out.stdout and "--backend" in out.stdout and "--group" in out.stdout
+    # --dtype auto follows the checkpoint on CUDA (it used to claim "bf16 on GPU")
+    help_text = " ".join(out.stdout.split())
+    assert "checkpoint's own dtype on CUDA" in help_text and "bf16 on GPU" not in help_text
 
 
 # ---------------------------------------------------------------- generation
@@ -166,4 +208,5 @@ def test_missing_model_is_a_named_error(tmp_path: Path, capsys: pytest.CaptureFi
         ["--model", str(missing), "--problems", str(problems), "--out", str(tmp_path / "o.jsonl")]
     )
     assert rc == 2
-    assert "cannot load model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"cannot load model {str(missing)!r}" in err and "neither an existing directory" in err

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from reasondiff.errors import TraceError
 from reasondiff.options import DiffOptions
 from reasondiff.registry import Registry, adhoc_pair
-from reasondiff.trace_choice import trace_specs
+from reasondiff.trace_choice import group_trace_file, trace_specs
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +57,42 @@ def test_explicit_traces_are_used_and_toy_may_be_asked_for(registry: Registry) -
     assert trace_specs(options, registry, pairs) == ("toy", "toy")
     group = DiffOptions(model_group="distill7b", traces="toy")
     assert trace_specs(group, registry, registry.pairs("distill7b")) == ("toy", "toy")
+
+
+# ---------------------------------------------------------------- --traces DIR (issue 19.6)
+def _group_set(path: Path, count: int, rows: int) -> None:
+    header = {"reasondiff_traces": 1, "name": path.stem, "recipe": {"problems": {"count": count}}}
+    trace = {"id": "x", "text": "", "token_ids": [1, 2, 3, 4]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [header] + [trace] * rows))
+
+
+def test_traces_directory_finds_the_groups_sets(registry: Registry, tmp_path: Path) -> None:
+    options = DiffOptions(model_group="distill7b", traces=str(tmp_path))
+    pairs = registry.pairs("distill7b")
+    with pytest.raises(TraceError) as info:
+        trace_specs(options, registry, pairs)
+    assert "no trace set of group 'distill7b' there (expected distill7b-primary.jsonl)" in str(
+        info.value
+    )
+    assert f"reasondiff-traces --group distill7b --out {tmp_path}" in str(info.value)
+    primary = group_trace_file(tmp_path, "distill7b", "primary")
+    _group_set(primary, count=2, rows=2)
+    assert trace_specs(options, registry, pairs) == (str(primary), None)
+    alt = group_trace_file(tmp_path, "distill7b", "alternative")
+    _group_set(alt, count=2, rows=2)
+    assert trace_specs(options, registry, pairs) == (str(primary), str(alt))
+    given = DiffOptions(model_group="distill7b", traces=str(tmp_path), traces_alt="u.jsonl")
+    assert trace_specs(given, registry, pairs) == (str(primary), "u.jsonl")
+
+
+def test_an_interrupted_groups_set_is_refused(registry: Registry, tmp_path: Path) -> None:
+    _group_set(group_trace_file(tmp_path, "toy", "primary"), count=50, rows=41)
+    options = DiffOptions(model_group="toy", traces=str(tmp_path))
+    with pytest.raises(TraceError, match=r"incomplete \(41 of 50 traces.*rerun `reasondiff-traces"):
+        trace_specs(options, registry, registry.pairs("toy"))
+
+
+def test_traces_directory_needs_a_group(registry: Registry, tmp_path: Path) -> None:
+    options, pairs = _adhoc("org/base", "org/rl", traces=str(tmp_path))
+    with pytest.raises(TraceError, match=r"an ad-hoc pair needs --traces FILE\.jsonl"):
+        trace_specs(options, registry, pairs)

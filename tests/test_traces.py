@@ -12,11 +12,14 @@ from reasondiff.errors import TokenizerMismatch, TraceError
 from reasondiff.fixtures.toy_traces import build_toy_tokenizer, toy_trace_set
 from reasondiff.traces import (
     Trace,
+    TraceAppender,
     TraceSet,
     load_trace_set,
+    read_partial,
     save_trace_set,
     token_ids_for_pair,
     tokenizer_identity,
+    trace_set_generator,
     trace_set_hash,
     truncate,
 )
@@ -260,3 +263,66 @@ def test_retokenized_trace_too_short_is_refused_and_textless_ids_are_kept(tok: A
     out, notes = _pair_notes(empty, tok, tok)
     assert out.traces[0].token_ids == (1, 2, 3, 4)
     assert len(notes) == 1 and "trace 'e' of set 's' has no text" in notes[0]
+
+
+# ---------------------------------------------------------------- resumable writing
+def _provenance_header(name: str = "s") -> dict:
+    return {
+        "reasondiff_traces": 1,
+        "name": name,
+        "tokenizer": "sha256:abc",
+        "generator": {"key": "m", "source": "org/m", "fingerprint": "f" * 64},
+    }
+
+
+def test_appender_writes_the_header_then_whole_lines(tmp_path: Path) -> None:
+    out = tmp_path / "d" / "s.jsonl"
+    assert read_partial(out) is None
+    t1 = Trace("a", "x", (1, 2, 3, 4))
+    with TraceAppender(out, _provenance_header()) as app:
+        app.append(t1)
+        assert out.read_text().count("\n") == 2  # on disk before the file is closed
+    part = read_partial(out)
+    assert part is not None and part.traces == (t1,) and part.notes == ()
+    assert part.header["generator"]["key"] == "m" and part.good_bytes == out.stat().st_size
+
+
+def test_read_partial_drops_only_a_half_written_last_line(tmp_path: Path) -> None:
+    out = tmp_path / "s.jsonl"
+    with TraceAppender(out, _provenance_header()) as app:
+        app.append(Trace("a", "x", (1, 2, 3, 4)))
+    whole = out.stat().st_size
+    with out.open("a") as fh:
+        fh.write('{"id": "b", "text": "y", "token_ids": [1, 2')
+    part = read_partial(out)
+    assert part is not None and [t.id for t in part.traces] == ["a"]
+    assert part.good_bytes == whole and "dropped a half-written last line" in part.notes[0]
+    with TraceAppender(out, {}, keep_bytes=part.good_bytes) as app:  # resume cuts it off
+        app.append(Trace("b", "y", (5, 6, 7, 8)))
+    assert [t.id for t in load_trace_set(out).traces] == ["a", "b"]
+
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text(lines[0] + "not json\n" + lines[2])  # damage in the middle: refused
+    with pytest.raises(TraceError, match=r"s\.jsonl:2: not a trace set line; cannot resume"):
+        read_partial(out)
+    out.write_text('{"reasondiff_traces": 1, "na')  # killed while writing the header
+    part = read_partial(out)
+    assert part is not None and part.header == {} and part.good_bytes == 0
+
+
+def test_read_partial_refuses_a_file_without_provenance(tmp_path: Path) -> None:
+    out = tmp_path / "s.jsonl"
+    out.write_text('{"id": "a", "text": "x", "token_ids": [1, 2, 3, 4]}\n')
+    with pytest.raises(TraceError, match="was not written by reasondiff-traces"):
+        read_partial(out)
+
+
+def test_provenance_round_trips_and_names_the_generator(tmp_path: Path) -> None:
+    ts = TraceSet("s", (Trace("a", "x", (1, 2, 3, 4)),), tokenizer="sha256:abc")
+    assert trace_set_generator(ts) == "unknown (no provenance in the trace set's header)"
+    header = _provenance_header()
+    prov = {k: v for k, v in header.items() if k not in ("reasondiff_traces", "name", "tokenizer")}
+    save_trace_set(tmp_path / "s.jsonl", TraceSet("s", ts.traces, "sha256:abc", provenance=prov))
+    back = load_trace_set(tmp_path / "s.jsonl")
+    assert back.provenance == prov
+    assert trace_set_generator(back) == "m (org/m, fingerprint ffffffffffff)"
