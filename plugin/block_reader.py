@@ -141,14 +141,12 @@ class SafetensorsReader:
         return t.to(device=device, dtype=dtype or e.dtype)
 
     def _pread(self, e: TensorEntry, out: torch.Tensor, offset: int, tensor: str) -> None:
-        view = memoryview(out.numpy()).cast("B")
+        view = memoryview(out.numpy()).cast("B")  # type: ignore[arg-type]
         try:
             with open(e.file, "rb", buffering=0) as fh:
                 done = 0
                 while done < len(view):
-                    n = os.preadv(
-                        fh.fileno(), [view[done : done + _PREAD_MAX]], offset + done
-                    )
+                    n = os.preadv(fh.fileno(), [view[done : done + _PREAD_MAX]], offset + done)
                     if n <= 0:
                         raise OSError(f"short read ({done} of {len(view)} bytes)")
                     done += n

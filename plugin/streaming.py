@@ -183,9 +183,7 @@ def stream_layers(
     wanted = _wanted(layers, num_layers)
     for run in runs:
         run.check_ids(ids)
-    state_bytes = sum(
-        len(t) * int(r.config.hidden_size) * r.elem_size for r in runs for t in ids
-    )
+    state_bytes = sum(len(t) * int(r.config.hidden_size) * r.elem_size for r in runs for t in ids)
     store = _state_device(device, state_bytes, budget_bytes)
 
     with torch.no_grad():
@@ -291,7 +289,7 @@ class _ModelRun:
         config = AutoConfig.from_pretrained(path)
         dt = torch_dtype(resolve_dtype(dtype, device, cfg))
         with torch.device("meta"):
-            inner: Any = AutoModel.from_config(config, dtype=dt)
+            inner: Any = AutoModel.from_config(config, dtype=dt)  # type: ignore[no-untyped-call]
         for part in ("embed_tokens", "layers", "norm", "rotary_emb"):
             if not hasattr(inner, part):
                 raise StreamingUnsupported(
@@ -396,10 +394,7 @@ class _ModelRun:
                     f"the config expects {list(param.shape)}"
                 )
             state[name] = self.reader.read(tensor, dtype=param.dtype, device=self.device)
-        persistent = {
-            n for n, _ in module.named_buffers() if n in module.state_dict()
-        }
+        persistent = {n for n, _ in module.named_buffers() if n in module.state_dict()}
         for name in persistent:
             state[name] = self.reader.read(prefix + name, device=self.device)
         module.load_state_dict(state, strict=True, assign=True)
-
