@@ -40,7 +40,7 @@ from .activations import FORWARD_COUNTER
 from .block_reader import SafetensorsReader
 from .dtypes import resolve_dtype
 from .errors import ModelLoadError, NonFiniteError, TraceError
-from .models import check_compatible, read_config, torch_dtype
+from .models import check_compatible, checkpoint_files, read_config, torch_dtype
 
 __all__ = [
     "STREAMABLE_MODEL_TYPES",
@@ -284,6 +284,10 @@ class _ModelRun:
         ok, reason = supports_streaming(cfg)
         if not ok:
             raise StreamingUnsupported(f"model {model.key!r}: {reason}")
+        if checkpoint_files(path, allow_pickle=True, name=model.key).format != "safetensors":
+            raise StreamingUnsupported(
+                f"model {model.key!r}: pickle weights cannot be read block by block; {_FALLBACK}"
+            )
         from transformers import AutoConfig, AutoModel
 
         config = AutoConfig.from_pretrained(path)

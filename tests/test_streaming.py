@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from _checkpoints import make_bert, shard_checkpoint
+from _checkpoints import make_bert, make_qwen2, shard_checkpoint
 
 from reasondiff.activations import FORWARD_COUNTER, extract_activations
 from reasondiff.errors import ArchitectureMismatch, ModelLoadError, TraceError
@@ -163,6 +163,12 @@ def test_unsupported_architecture_falls_back_with_its_name(tmp_path: Path) -> No
     assert not ok and "GPT2LMHeadModel" in reason
     ok, reason = supports_streaming({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
     assert ok, reason
+    pickled = make_qwen2(tmp_path / "pk")
+    model = load_model(pickled, device="cpu", dtype="float32")
+    (pickled / "model.safetensors").unlink()
+    torch.save(model.model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(StreamingUnsupported, match=r"model 'pk': pickle weights.*falls back"):
+        next(stream_layers([StreamModel("pk", pickled)], TRACES[:1]))
     bert = make_bert(tmp_path / "bert")
     with pytest.raises(StreamingUnsupported, match=r"model 'enc'.*BertModel.*falls back"):
         next(stream_layers([StreamModel("enc", bert)], TRACES[:1]))
