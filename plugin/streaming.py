@@ -162,7 +162,8 @@ def stream_layers(
     on CPU, the checkpoint's dtype on CUDA, as whole loads do). ``device`` is a concrete
     torch device. States stay on ``device`` when ``(k + 1) x T x N x D`` fits
     ``budget_bytes`` (default: anything on CPU, half the free memory on CUDA), otherwise
-    on the host. A yielded tensor is valid until the generator resumes: score it, drop it.
+    on the host. Score a yielded layer and drop it before resuming: states still referenced
+    are kept alive and count against the memory bound.
 
     Raises ``StreamingUnsupported`` (the reason of :func:`supports_streaming`) for a model
     that cannot stream, ``ArchitectureMismatch`` when block counts or widths differ, and
@@ -186,23 +187,24 @@ def stream_layers(
     state_bytes = sum(len(t) * int(r.config.hidden_size) * r.elem_size for r in runs for t in ids)
     store = _state_device(device, state_bytes, budget_bytes)
 
-    with torch.no_grad():
-        states = {r.key: [r.embed(t, store) for t in ids] for r in runs}
-        FORWARD_COUNTER.count += len(runs) * len(ids)  # one (streamed) forward per trace
-        if 0 in wanted:
-            yield StreamedLayer("hidden", 0, _checked(states, "hidden.0"))
-        for index in range(num_layers):
-            for run in runs:
-                states[run.key] = run.block(index, states[run.key], ids, store)
-            layer = index + 1
-            if layer < num_layers and layer in wanted:
-                yield StreamedLayer("hidden", layer, _checked(states, f"hidden.{layer}"))
-        if prenorm:
-            yield StreamedLayer("prenorm", num_layers, _checked(states, f"prenorm.{num_layers}"))
-        if num_layers in wanted:
-            final = {r.key: r.final_norm(states[r.key], store) for r in runs}
-            del states
-            yield StreamedLayer("hidden", num_layers, _checked(final, f"hidden.{num_layers}"))
+    # no_grad inside each step (the _ModelRun methods), not around the yields: grad
+    # mode is thread-global and would leak into the caller's code between layers.
+    states = {r.key: [r.embed(t, store) for t in ids] for r in runs}
+    FORWARD_COUNTER.count += len(runs) * len(ids)  # one (streamed) forward per trace
+    if 0 in wanted:
+        yield StreamedLayer("hidden", 0, _checked(states, "hidden.0"))
+    for index in range(num_layers):
+        for run in runs:
+            states[run.key] = run.block(index, states[run.key], ids, store)
+        layer = index + 1
+        if layer < num_layers and layer in wanted:
+            yield StreamedLayer("hidden", layer, _checked(states, f"hidden.{layer}"))
+    if prenorm:
+        yield StreamedLayer("prenorm", num_layers, _checked(states, f"prenorm.{num_layers}"))
+    if num_layers in wanted:
+        final = {r.key: r.final_norm(states[r.key], store) for r in runs}
+        del states
+        yield StreamedLayer("hidden", num_layers, _checked(final, f"hidden.{num_layers}"))
 
 
 def _wanted(layers: Sequence[int] | None, num_layers: int) -> set[int]:
@@ -327,6 +329,7 @@ class _ModelRun:
                     f"{vocab}) at (position, id) {bad[:10]}"
                 )
 
+    @torch.no_grad()
     def embed(self, trace: list[int], store: str) -> torch.Tensor:
         """[1, N, D] embedding output from the rows this trace uses."""
         rows = sorted(set(trace))
@@ -337,6 +340,7 @@ class _ModelRun:
         local = torch.tensor([[where[x] for x in trace]], dtype=torch.long, device=self.device)
         return torch.nn.functional.embedding(local, weight).to(store)
 
+    @torch.no_grad()
     def args_for(self, n: int) -> list[dict[str, Any]]:
         """Every block's keyword arguments for a trace of n tokens, from the model's own
         forward (mask, rotary position embeddings, position ids), run without blocks."""
@@ -362,6 +366,7 @@ class _ModelRun:
             self.block_args[n] = slots
         return self.block_args[n]
 
+    @torch.no_grad()
     def block(
         self, index: int, states: list[torch.Tensor], ids: list[list[int]], store: str
     ) -> list[torch.Tensor]:
@@ -378,6 +383,7 @@ class _ModelRun:
         finally:
             module.to("meta")
 
+    @torch.no_grad()
     def final_norm(self, states: list[torch.Tensor], store: str) -> list[torch.Tensor]:
         norm = self.inner.norm
         self._materialize(norm, f"{self.prefix}norm.", "the final norm")

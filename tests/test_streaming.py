@@ -141,6 +141,10 @@ def test_layer_selection_and_no_prenorm(family_pair: tuple[Path, Path]) -> None:
         )
     ]
     assert got == [("hidden", 1), ("hidden", 3)]
+    layers = stream_layers([StreamModel("b", base)], TRACES[:1])
+    next(layers)
+    assert torch.is_grad_enabled()  # no_grad does not leak into the caller between layers
+    layers.close()
     with pytest.raises(TraceError, match=r"layers \[4\] out of range.*0\.\.3"):
         next(stream_layers([StreamModel("b", base)], TRACES[:1], layers=[4]))
 
