@@ -31,6 +31,7 @@ BENCHMARKS = {
     "cka_scale": "bench_cka_scale",
     "gpu_study": "gpu_study",
     "generate": "bench_generate",
+    "stream": "bench_stream",
 }
 #: Goal of each benchmark's main line, used when it cannot run at all.
 MAIN_GOAL = {
@@ -41,6 +42,7 @@ MAIN_GOAL = {
     "cka_scale": ("<=", 1.3),
     "gpu_study": ("<=", 10.0),
     "generate": (">=", 3.0),
+    "stream": ("<=", 0.5),
 }
 
 
