@@ -79,6 +79,8 @@ _HEAT_STEPS = 9  # colour steps of the heatmap scale
 #: Weight columns of the pair table: headline over matrices, biases and norms apart, and
 #: the count of tensors that are (near) zero in the base (their diff is 2 for any change).
 _WEIGHT_COLUMNS = ("mean diff", "Gini", "bias diff", "norm diff", "zero base")
+#: The weight_summary key behind each optional column (None: always shown).
+_WEIGHT_KEYS = (None, None, "bias_n", "norm_n", "n_zero_base")
 
 
 # ---------------------------------------------------------------- console
@@ -313,18 +315,25 @@ def _pair_views(
     table = _table(title)
     table.add_column(Text("descendant"))
     table.add_column(Text("method"))
-    for header in _WEIGHT_COLUMNS:
+    # a bias / norm / zero-base column only where some pair has a number for it
+    weight_columns = [
+        h
+        for h, key in zip(_WEIGHT_COLUMNS, _WEIGHT_KEYS, strict=True)
+        if key is None or any(data.weight_summary.get(p.pair_id, {}).get(key) for p in pairs)
+    ]
+    for header in weight_columns:
         table.add_column(Text(header), justify="right")
     for _, header in _SPARK_COLUMNS:
         table.add_column(Text(header), no_wrap=True)
     table.add_column(Text("dip@"), justify="right")
     listing = Text(title, style="italic")
+    shown = ("method", *weight_columns, *(h for _, h in _SPARK_COLUMNS), "dip@")
     for pair in pairs:
         cells = _pair_cells(pair, data, verdicts, glyphs)
-        table.add_row(Text(pair.descendant), *cells.values())
+        table.add_row(Text(pair.descendant), *(cells[h] for h in shown))
         listing.append("\n")
         listing.append(pair.descendant, style="bold")
-        for key in ("method", *_WEIGHT_COLUMNS, "dip@"):
+        for key in ("method", *weight_columns, "dip@"):
             listing.append(f"  {key} ")
             listing.append_text(cells[key])
         for _, header in _SPARK_COLUMNS:
