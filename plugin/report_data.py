@@ -69,8 +69,9 @@ def build_report_data(
         if zero:
             shown = ", ".join(zero[:3]) + (f", ... ({len(zero)} in all)" if len(zero) > 3 else "")
             data.notes.append(
-                f"{pid}: {len(zero)} tensor(s) are (near) zero in the base, so their "
-                f"normalized diff is 2 for any change (flagged, not in the headline): {shown}"
+                f"{pid}: {len(zero)} tensor(s) are (near) zero in the base next to the "
+                f"descendant, so their normalized diff is 2 whatever the change (flagged; "
+                f"in the headline only if a matrix): {shown}"
             )
         loc = by_key.get(("weight_distributed", pid))
         if loc is not None and "gini" in loc.details and loc.observed is not None:

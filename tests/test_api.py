@@ -165,9 +165,11 @@ def pytest_run(toy_cache: Path, mini_registry: Path, tmp_path_factory: pytest.Te
         "1",
         "--snapshot-dir",
         str(tmp_path_factory.mktemp("api-snapshots")),
+        "--snapshot-update",  # a fresh scope: accept the curves, so every test must pass
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
-    assert (out / "results.json").is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert (out / "results.json").is_file()
     return out
 
 
