@@ -425,7 +425,7 @@ class Comparison(Sequence[PairResult]):
         return sorted([*pair_level, *self.group_verdicts], key=lambda v: (v.subject, v.finding))
 
     # ------------------------------------------------------------------ outputs
-    def report_data(self) -> ReportData:
+    def report_data(self, *, extra_notes: Sequence[str] = ()) -> ReportData:
         """What the reports render (the same builder as the pytest session's)."""
         from .report_data import build_report_data
 
@@ -435,7 +435,7 @@ class Comparison(Sequence[PairResult]):
             curves=self._curves,
             cache=self.cache,
             stage_seconds=self.stage_seconds,
-            notes=self.notes,
+            notes=[*self.notes, *extra_notes],
         )
 
     def frames(self) -> dict[str, Any]:
@@ -514,8 +514,7 @@ class Comparison(Sequence[PairResult]):
             from reasondiff.reports import write_figures, write_index
         except ImportError:  # pragma: no cover - reports ship with the package
             return out
-        data = self.report_data()
-        data.notes.append(f"results bundle written to {out}")
+        data = self.report_data(extra_notes=[f"results bundle written to {out}"])
         figures = write_figures(data, out)
         write_index(data, out, figures)
         return out

@@ -72,6 +72,13 @@ def render_index(data: ReportData, out_dir: Path, figures: Sequence[FigureInfo])
     for name, pairs in groups.items():
         columns = finding_columns(pairs, data.verdicts)
         lines += [f"## Group {md_text(name)}: pairs x findings", ""]
+        lines += [
+            "`mean diff` and `Gini` are over the weight matrices (2-D attention and MLP, as "
+            "the study's Figure 3); biases and norms have their own columns; `zero base` "
+            "counts tensors that are (near) zero in the base (normalized diff 2 whatever "
+            "the change).",
+            "",
+        ]
         header = ["pair", "descendant", "method", "mean diff", "Gini", "bias diff", "norm diff"]
         header += ["zero base"]
         header += [finding_label(f) for f in columns]
