@@ -263,3 +263,38 @@ def test_a_failed_descendant_is_kept_and_the_rest_returned(toy_cache: Path, tmp_
     assert "no-such-checkpoint" in repr(got) or "1 failed" in repr(got)
     with pytest.raises(ReasondiffError, match="no-such-checkpoint"):
         compare("toy:base", [missing], cache_dir=toy_cache, raise_on_error=True, **FAST)
+
+
+def test_a_broken_or_failed_pair_never_raises_out_of_the_comparison() -> None:
+    import math
+
+    from test_findings_lib import DIP, _result
+
+    from reasondiff.records import CkaRecord
+    from reasondiff.registry import ModelSpec, PairSpec
+
+    base = ModelSpec(key="b", source="b")
+    pairs = [
+        PairSpec(base, ModelSpec(key=k, source=k, base="b", method=m), group=None)
+        for k, m in (("sft", "SFT"), ("rl", "RL"))
+    ]
+    broken = _result(DIP, pid="b__sft")
+    broken.cka[0] = CkaRecord("b", "d", "a:0", 0, "linear", math.nan)
+    failed = api._failed(pairs[1], OSError("disk gone"))
+    comparison = api.Comparison(
+        [broken, failed],
+        pairs,
+        finding_options=FindingOptions.defaults(),
+        group_expect={"sft_more_than_rl": True},
+        config={},
+        cache=api.CacheStats(),
+        stage_seconds={},
+        notes=[],
+    )
+    assert broken.verdicts["bathtub"].observed is None  # named, not raised
+    assert "layer 0, trace a:0" in broken.verdicts["bathtub"].summary
+    assert failed.error == "OSError: disk gone" and comparison.failed == [failed]
+    (group,) = comparison.group_verdicts
+    assert group.observed is None and "rl failed" in group.summary
+    data = comparison.report_data()
+    assert any("b__rl: failed: OSError: disk gone" in n for n in data.notes)
