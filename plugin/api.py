@@ -17,7 +17,6 @@ from typing import Any, overload
 from .engine import Engine, EngineConfig, resolve_trace_path
 from .errors import ReasondiffError, RegistryError
 from .findings import (
-    FindingInputError,
     FindingOptions,
     GroupMember,
     pair_verdicts,
@@ -396,7 +395,7 @@ class Comparison(Sequence[PairResult]):
             verdict = sft_more_than_rl(
                 subject, members, self.options, expected=expected, curves=self._curves
             )
-        except FindingInputError as exc:  # the pytest test fails here with this reason
+        except ReasondiffError as exc:  # the pytest test fails here with this reason
             verdict = Verdict(
                 finding="sft_more_than_rl",
                 subject=subject,

@@ -377,7 +377,7 @@ def pair_verdicts(
             out[name] = fn(ev, **kwargs)
         except (FindingNotApplicable, NoCkaRows):
             continue
-        except FindingInputError as exc:
+        except ReasondiffError as exc:  # FindingInputError, or the math refusing its input
             out[name] = Verdict(
                 finding=name,
                 subject=ev.pair_id,
