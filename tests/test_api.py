@@ -248,6 +248,10 @@ def test_report_prints_the_terminal_report(comparison, capsys) -> None:
     comparison.report(width=200)
     text = capsys.readouterr().out
     assert "mini-massive" in text and "SFT vs RL" in text
+    from reasondiff.reports.figures import build_figure_1
+
+    fig = build_figure_1(comparison.report_data())  # the README's notebook figure
+    assert fig is not None and fig.axes
 
 
 @pytest.mark.slow
