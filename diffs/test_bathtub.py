@@ -6,38 +6,14 @@ the middle band (``--bathtub-band``), judged against its own context: it sits at
 inside layers 1..L-1. A steady decline or a low last layer is not a dip. The verdict is
 compared with the registry's ``expect.bathtub``; where the dip lies is reported for every
 pair, next to the study's location (``study_dip``) when the registry has one.
+The work is :func:`reasondiff.findings.bathtub`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
-from reasondiff.metrics.findings import detect_bathtub
-from reasondiff.records import Verdict
+from reasondiff import findings
 
 
-def test_bathtub(pair, pair_result, finding, diff_options):
-    curve = finding.curve(pair_result, "linear")
-    result = detect_bathtub(
-        curve.mean,
-        curve.layers,
-        delta=diff_options.bathtub_delta,
-        band=diff_options.bathtub_band,
-        lo=curve.lo,
-        hi=curve.hi,
-        num_layers=pair_result.info.num_layers,
-    )
-    summary = result.summary
-    study = pair.descendant.study_dip
-    if study is not None:
-        summary += f"; study: dip from layer {study[0]} to {study[1]}"
-    finding.conclude(
-        Verdict(
-            finding="bathtub",
-            subject=pair.pair_id,
-            observed=result.present,
-            expected=pair.expect.get("bathtub"),
-            summary=summary,
-            details={**asdict(result), "study_dip": list(study) if study else None},
-        )
-    )
+def test_bathtub(pair, pair_result, finding):
+    study_dip = pair.descendant.study_dip
+    finding.conclude(finding.judge(findings.bathtub, pair_result, study_dip=study_dip))

@@ -15,36 +15,12 @@ from __future__ import annotations
 
 import pytest
 
-from reasondiff.records import WeightRecord
-
-CKA_CURVES = ("linear", "rbf", "linear_without_dominant")
-
-
-def weight_diff_curve(records: list[WeightRecord]) -> dict:
-    """Mean normalized diff over the comparable tensors of each decoder block.
-
-    Keyed ``blocks``, not ``layers``: block b is hidden-state layer b + 1, so the two
-    axes must not be mistaken for each other.
-    """
-    per_block: dict[int, list[float]] = {}
-    for r in records:
-        if r.layer >= 0 and not r.note:
-            per_block.setdefault(r.layer, []).append(r.normalized_diff)
-    blocks = sorted(per_block)
-    return {
-        "metric": "weight_diff",
-        "blocks": blocks,
-        "values": [sum(per_block[b]) / len(per_block[b]) for b in blocks],
-    }
+from reasondiff import findings
 
 
 def test_curves(pair, pair_result, finding, curve_snapshot):
     # curve_snapshot skips an ad-hoc pair without --label (nothing to compare with)
-    payloads = {}
-    for metric in CKA_CURVES:
-        c = finding.curve(pair_result, metric)
-        payloads[metric] = {"metric": metric, "layers": c.layers, "values": c.mean}
-    payloads["weight_diff"] = weight_diff_curve(finding.weights(pair_result))
+    payloads = finding.judge(findings.snapshot_payloads, pair_result)
 
     problems: list[str] = []
     for metric, payload in payloads.items():

@@ -13,8 +13,7 @@ Fixtures for finding tests: ``diff_session``, ``diff_options``, ``pair_result``,
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import pytest
 from .diskcheck import check_report_dir
 from .errors import ModelUnavailable, ReasondiffError
 from .options import DiffOptions, add_options, options_from_config
-from .records import CkaRecord, Curve, PairResult, Verdict, WeightRecord, trace_set_of
+from .records import PairResult, Verdict
 from .registry import PairSpec
 from .session import DiffSession, GroupSubject
 from .trace_choice import trace_specs
@@ -272,10 +271,11 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 # ---------------------------------------------------------------------- finding helper
 class FindingCheck:
-    """What every finding test does around its verdict math.
+    """What every finding test does around its :mod:`reasondiff.findings` call.
 
-    ``rows`` / ``curve`` / ``weights`` refuse NaN or Inf with one line naming the model,
-    layer and trace; ``conclude`` records the verdict (report, bundle, junit property) and
+    ``judge`` calls a finding function with the run's options and turns input it cannot
+    judge (NaN or Inf rows, named by model, layer and trace) into a one-line failure;
+    ``conclude`` records the verdict (report, bundle, junit property) and
     fails in one line when an expectation is set and not met. The verdict also goes to
     the test's ``user_properties`` (``reasondiff.<finding>``: status and summary), which
     junit XML reports carry.
@@ -288,74 +288,36 @@ class FindingCheck:
         self.options = session.options
         self._record_property = record_property
 
-    def rows(
-        self, result: PairResult, metrics: Iterable[str], trace_set: str | None = None
-    ) -> list[CkaRecord]:
-        """The CKA rows of ``metrics`` (in one trace set; None = all), all finite."""
-        __tracebackhide__ = True
-        wanted = set(metrics)
-        out = [
-            r
-            for r in result.cka
-            if r.metric in wanted and (trace_set is None or trace_set_of(r.trace) == trace_set)
-        ]
-        if not out and not result.cka and self.session.bundle is not None:
-            # A weights-only bundle (e.g. another tool's per-tensor CSV) has nothing for
-            # a CKA finding to judge; a live run or a bundle with some rows still fails.
-            pytest.skip(
-                f"{result.info.pair_id}: the results bundle {self.options.from_results} has no "
-                f"CKA rows for this pair (weights only); CKA findings need its cka.csv"
-            )
-        if not out:
-            pytest.fail(
-                f"{result.info.pair_id}: no {'/'.join(sorted(wanted))} rows"
-                + (f" in trace set {trace_set!r}" if trace_set else "")
-                + f" (trace sets: {', '.join(result.trace_sets) or 'none'})",
-                pytrace=False,
-            )
-        for r in out:
-            if not math.isfinite(r.value):
-                pytest.fail(
-                    f"{result.info.pair_id}: {r.metric} is {r.value} for {r.descendant} vs {r.base} "
-                    f"at layer {r.layer}, trace {r.trace}",
-                    pytrace=False,
-                )
-        return out
+    def judge(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, options=..., curves=..., **kwargs)``: a :mod:`reasondiff.findings`
+        function with this run's thresholds and memoized curves.
 
-    def curve(self, result: PairResult, metric: str, trace_set: str | None = None) -> Curve:
-        """The mean curve of ``metric`` over one trace set's traces (None = primary)."""
-        __tracebackhide__ = True
-        name = (
-            trace_set
-            if trace_set is not None
-            else (result.trace_sets[0] if result.trace_sets else None)
-        )
-        self.rows(result, [metric], name)
-        try:
-            return self.session.curves(result, name)[metric]
-        except ReasondiffError as exc:
-            pytest.fail(f"{result.info.pair_id}: {metric}: {_one_line(str(exc))}", pytrace=False)
-
-    def weights(self, result: PairResult) -> list[WeightRecord]:
-        """Weight records; a NaN/Inf normalized diff of a comparable tensor (no note) fails.
-
-        Only ``normalized_diff`` is checked because it is the only number the weight
-        findings use: ``relative_diff`` is legitimately inf for a zero base tensor, and an
-        imported bundle may leave ``relative_diff`` / ``mean_abs_diff`` empty (NaN).
+        Input it cannot judge fails in one line naming the pair, metric, layer and trace;
+        nothing to judge (one trace set) is a skip, and so is a weights-only bundle.
         """
         __tracebackhide__ = True
-        if not result.weights:
-            pytest.fail(f"{result.info.pair_id}: no weight-diff records", pytrace=False)
-        for w in result.weights:
-            if w.note:
-                continue
-            if not math.isfinite(w.normalized_diff):
-                pytest.fail(
-                    f"{result.info.pair_id}: normalized_diff is {w.normalized_diff} for tensor "
-                    f"{w.tensor} (block {w.block}) of {w.descendant} vs {w.base}",
-                    pytrace=False,
+        from .findings import FindingInputError, FindingNotApplicable, FindingOptions, NoCkaRows
+
+        try:
+            return fn(
+                *args,
+                options=FindingOptions.from_options(self.options),
+                curves=self.session.curves,
+                **kwargs,
+            )
+        except NoCkaRows as exc:
+            if self.session.bundle is not None:
+                # A weights-only bundle (e.g. another tool's per-tensor CSV) has nothing
+                # for a CKA finding to judge; a live run or a bundle with rows still fails.
+                pytest.skip(
+                    f"{exc.pair_id}: the results bundle {self.options.from_results} has no "
+                    f"CKA rows for this pair (weights only); CKA findings need its cka.csv"
                 )
-        return list(result.weights)
+            pytest.fail(_one_line(str(exc)), pytrace=False)
+        except FindingNotApplicable as exc:
+            pytest.skip(_one_line(str(exc)))
+        except FindingInputError as exc:
+            pytest.fail(_one_line(str(exc)), pytrace=False)
 
     def result(self, pair: PairSpec) -> PairResult:
         """The result of any selected pair (group-level findings pool several)."""

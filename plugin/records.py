@@ -112,6 +112,26 @@ class WeightRecord:
         """The decoder block index (-1 outside the blocks): the column ``block`` of weights.csv."""
         return self.layer
 
+    @property
+    def base_near_zero(self) -> bool:
+        """The base tensor is (near) zero and the descendant is not (METHODS §7).
+
+        Then ``normalized_diff`` is 2 (its maximum) for any change, whatever its size, so
+        the number says nothing about how much training moved the tensor. Read from the
+        record's own numbers: ``relative_diff`` is inf for an exactly zero base, and
+        ``normalized_diff`` >= 2 (1 - 1e-3) means ||W_base|| <= ~5e-4 ||W_new|| (it also
+        catches an imported row without ``relative_diff``).
+        """
+        if self.note:
+            return False
+        if self.relative_diff == math.inf:
+            return True
+        return math.isfinite(self.normalized_diff) and self.normalized_diff >= ZERO_BASE_DIFF
+
+
+#: A normalized diff at or above this marks a (near-)zero base tensor (its maximum is 2).
+ZERO_BASE_DIFF = 2.0 * (1.0 - 1e-3)
+
 
 def _json_float(v: float) -> float | str:
     """Strict JSON has no NaN: NaN/Inf go as strings (weight records use NaN on purpose)."""
@@ -328,3 +348,14 @@ class PairResult:
     massive: list[MassiveRecord] = field(default_factory=list)
     trace_sets: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Filled by :func:`reasondiff.compare` (not by the pytest session, not in bundles):
+    #: finding name -> Verdict, metric -> Curve of the primary trace set, and the reason
+    #: when this descendant failed (then the rows are empty).
+    verdicts: dict[str, Verdict] = field(default_factory=dict, compare=False, repr=False)
+    curves: dict[str, Curve] = field(default_factory=dict, compare=False, repr=False)
+    error: str | None = field(default=None, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        """False for a descendant that failed (``error`` says why)."""
+        return self.error is None

@@ -288,45 +288,16 @@ class DiffSession:
         return sorted(self.verdicts.values(), key=lambda v: (v.subject, v.finding))
 
     def report_data(self) -> ReportData:
-        """Everything the reports render, from the results and verdicts gathered so far."""
-        from .metrics.aggregate import weight_layer_table, weight_outside_layers, weight_summary
+        """Everything the reports render (:func:`reasondiff.report_data.build_report_data`)."""
         from .options import rbf_median_note
+        from .report_data import build_report_data
 
-        data = ReportData(
-            verdicts=self.ordered_verdicts(),
-            cache=self.stats,
-            stage_seconds=dict(self.stage_seconds),
-            notes=list(self.notes),
-        )
         rbf_note = rbf_median_note(self.options, self.bundle.config if self.bundle else None)
-        if rbf_note is not None:
-            data.notes.append(rbf_note)
-        for r in self.ordered_results():
-            pid = r.info.pair_id
-            data.pairs.append(r.info)
-            # A pair whose rows cannot be aggregated (NaN, holes) has failed its tests
-            # with the reason already; the report shows what it can and says why not.
-            try:
-                curves = dict(self.curves(r))
-                for ts in r.trace_sets:
-                    for metric, c in self.curves(r, ts).items():
-                        if metric in ("linear", "rbf"):
-                            curves[f"{metric}@{ts}"] = c
-                data.curves[pid] = curves
-            except ReasondiffError as exc:
-                data.notes.append(f"{pid}: no curves in the report: {exc}")
-            try:
-                data.weight_layers[pid] = weight_layer_table(r.weights)
-                data.weight_other[pid] = weight_outside_layers(r.weights)
-                summary = dict(weight_summary(r.weights))
-            except ReasondiffError as exc:
-                data.notes.append(f"{pid}: no weight table in the report: {exc}")
-                summary = {}
-            loc = self.verdicts.get(("weight_distributed", pid))
-            if loc is not None and "gini" in loc.details:
-                summary["localization"] = float(loc.details["gini"])
-            data.weight_summary[pid] = summary
-            for n in r.notes:
-                if n not in data.notes:
-                    data.notes.append(n)
-        return data
+        return build_report_data(
+            self.ordered_results(),
+            self.ordered_verdicts(),
+            curves=self.curves,
+            cache=self.stats,
+            stage_seconds=self.stage_seconds,
+            notes=[*self.notes, *([rbf_note] if rbf_note is not None else [])],
+        )

@@ -26,6 +26,7 @@ from .tables import (
     component_order,
     final_layer,
     group_pairs,
+    heat_scale,
     status_counts,
     unique_pairs,
     verdict_map,
@@ -267,12 +268,18 @@ def build_figure_3(data: ReportData) -> Figure | None:
     else:
         colour_of = _pair_colours(pairs)
     for ax, component in zip(flat, components, strict=False):
+        panel: list[tuple[str, list[float]]] = []
         for pair in pairs:
             values = data.weight_layers[pair.pair_id].get(component)
             if values:
                 style = _METHOD_STYLE.get(pair.method or "", ":")
                 ax.plot(range(len(values)), values, style, color=colour_of[pair.pair_id], lw=1.2)
-        ax.set_title(component_label(component), fontsize=9)
+                panel.append((pair.pair_id, list(values)))
+        title = component_label(component)
+        clipped = _clip_panel(ax, panel, colour_of)
+        if clipped:
+            title += f" ({clipped})"
+        ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in flat[len(components) :]:
@@ -294,6 +301,26 @@ def build_figure_3(data: ReportData) -> Figure | None:
     title = "colour: base / style: method" if by_base else f"base {bases[0]}: descendant / method"
     _legend(fig, handles, title=title)
     return fig
+
+
+def _clip_panel(
+    ax: Axes, panel: Sequence[tuple[str, Sequence[float]]], colour_of: Mapping[str, RGBA]
+) -> str:
+    """A robust y scale for one weight panel (``tables.heat_scale``): points above it (a
+    zero-base tensor at 2, a planted outlier) are drawn as triangles on the top edge, so
+    they do not flatten every other line. Returns the title note, or "" if none is above."""
+    values = [v for _, vals in panel for v in vals if math.isfinite(v)]
+    top = heat_scale(values)
+    over = [v for v in values if v > top]
+    if top <= 0 or not over:
+        return ""
+    ceiling = top * 1.15
+    ax.set_ylim(min(0.0, min(values)), ceiling)
+    for pid, vals in panel:
+        xs = [i for i, v in enumerate(vals) if math.isfinite(v) and v > top]
+        if xs:
+            ax.scatter(xs, [ceiling * 0.97] * len(xs), marker="^", color=colour_of[pid], s=28)
+    return f"{len(over)} saturated, up to {max(over):.3g}"
 
 
 def build_figure_4(data: ReportData) -> Figure | None:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from reasondiff.records import ReportData
+from reasondiff.records import ReportData, Verdict
 
 from .figures import FigureInfo
 from .tables import (
@@ -72,7 +72,15 @@ def render_index(data: ReportData, out_dir: Path, figures: Sequence[FigureInfo])
     for name, pairs in groups.items():
         columns = finding_columns(pairs, data.verdicts)
         lines += [f"## Group {md_text(name)}: pairs x findings", ""]
-        header = ["pair", "descendant", "method", "mean diff", "Gini"]
+        lines += [
+            "`mean diff` and `Gini` are over the weight matrices (2-D attention and MLP, as "
+            "the study's Figure 3); biases and norms have their own columns; `zero base` "
+            "counts tensors that are (near) zero in the base (normalized diff 2 whatever "
+            "the change).",
+            "",
+        ]
+        header = ["pair", "descendant", "method", "mean diff", "Gini", "bias diff", "norm diff"]
+        header += ["zero base"]
         header += [finding_label(f) for f in columns]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
@@ -84,6 +92,9 @@ def render_index(data: ReportData, out_dir: Path, figures: Sequence[FigureInfo])
                 md_text(pair.method or "-"),
                 fmt(summary.get("mean_diff"), ".3g", missing="-"),
                 fmt(summary.get("localization"), ".2f", missing="-"),
+                fmt(summary.get("bias_mean_diff"), ".3g", missing="-"),
+                fmt(summary.get("norm_mean_diff"), ".3g", missing="-"),
+                str(int(summary["n_zero_base"])) if summary.get("n_zero_base") else "-",
             ]
             for finding in columns:
                 v = verdicts.get((pair.pair_id, finding))
@@ -100,7 +111,7 @@ def render_index(data: ReportData, out_dir: Path, figures: Sequence[FigureInfo])
             for v in base_level:
                 lines.append(
                     f"| {md_code(v.subject)} | {md_text(v.finding)} | {verdict_cell(v)} "
-                    f"| {md_text(fmt_details(v.details)) or '-'} | {md_text(v.summary)} |"
+                    f"| {md_text(_numbers(v)) or '-'} | {md_text(v.summary)} |"
                 )
             lines.append("")
         problems = [
@@ -117,6 +128,11 @@ def render_index(data: ReportData, out_dir: Path, figures: Sequence[FigureInfo])
     if data.notes:
         lines += ["## Notes", ""] + [f"- {md_text(n)}" for n in data.notes] + [""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _numbers(v: Verdict) -> str:
+    """A verdict's numbers; an undecided one shows its reason (the summary) only."""
+    return "" if v.observed is None else fmt_details(v.details)
 
 
 def write_index(data: ReportData, out_dir: Path, figures: Sequence[FigureInfo]) -> Path:

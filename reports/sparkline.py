@@ -39,12 +39,13 @@ class Glyphs:
     missing: str  # a value that is NaN / absent
     dash: str  # an empty table cell
     sep: str  # between parts of a heading
+    saturated: str = "^"  # a heatmap cell above the scale (an outlier, e.g. a zero base)
 
     @classmethod
     def for_console(cls, *, ascii_only: bool) -> Glyphs:
         if ascii_only:
-            return cls(ASCII_BLOCKS, ASCII_SHADES, "?", "-", "-")
-        return cls(BLOCKS, SHADES, "·", "—", "·")
+            return cls(ASCII_BLOCKS, ASCII_SHADES, "?", "-", "-", "^")
+        return cls(BLOCKS, SHADES, "·", "—", "·", "▲")
 
 
 def level(value: float, levels: int, *, lo: float = 0.0, hi: float = 1.0) -> int | None:

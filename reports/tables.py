@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from reasondiff.records import Curve, PairInfo, ReportData, Verdict
+from reasondiff.records import ZERO_BASE_DIFF, Curve, PairInfo, ReportData, Verdict
 from reasondiff.registry import FINDINGS
 
 ADHOC_GROUP = "ad-hoc"
@@ -250,3 +250,29 @@ def status_counts(verdicts: Iterable[Verdict]) -> dict[str, int]:
     for v in verdicts:
         counts[v.status] = counts.get(v.status, 0) + 1
     return counts
+
+
+def heat_scale(values: Iterable[float]) -> float:
+    """Top of a heatmap's colour scale that outliers cannot wash out (0.0: nothing changed).
+
+    Cells at the zero-base mark (a normalized diff of 2, the maximum, which any change of
+    a zero base tensor reaches) are left out, and so are cells beyond Tukey's far-out
+    fence (Q3 + 3 IQR) of the rest; the scale ends at the largest remaining value. Cells
+    above it are drawn as saturated (marked), not allowed to flatten every other cell.
+    """
+    finite = sorted(float(v) for v in values if v is not None and math.isfinite(v))
+    if not finite:
+        return 0.0
+    below = [v for v in finite if v < ZERO_BASE_DIFF] or finite
+    q1, q3 = _quantile(below, 0.25), _quantile(below, 0.75)
+    fence = q3 + 3.0 * (q3 - q1)
+    top = max((v for v in below if v <= fence), default=below[-1])
+    return top if top > 0 else below[-1]
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile of a sorted list (numpy's default method)."""
+    pos = q * (len(sorted_values) - 1)
+    i = math.floor(pos)
+    j = min(i + 1, len(sorted_values) - 1)
+    return sorted_values[i] + (sorted_values[j] - sorted_values[i]) * (pos - i)

@@ -36,6 +36,7 @@ from .tables import (
     fmt_details,
     group_pairs,
     group_verdicts,
+    heat_scale,
     orphan_verdicts,
     status_word,
     verdict_cell,
@@ -75,6 +76,11 @@ _SPARK_COLUMNS = (
     ("linear_without_dominant", "linear w/o dominant"),
 )
 _HEAT_STEPS = 9  # colour steps of the heatmap scale
+#: Weight columns of the pair table: headline over matrices, biases and norms apart, and
+#: the count of tensors that are (near) zero in the base (their diff is 2 for any change).
+_WEIGHT_COLUMNS = ("mean diff", "Gini", "bias diff", "norm diff", "zero base")
+#: The weight_summary key behind each optional column (None: always shown).
+_WEIGHT_KEYS = (None, None, "bias_n", "norm_n", "n_zero_base")
 
 
 # ---------------------------------------------------------------- console
@@ -271,6 +277,14 @@ def _pair_cells(
         "method": Text(pair.method or glyphs.dash),
         "mean diff": Text(fmt(summary.get("mean_diff"), ".3g", missing=glyphs.dash)),
         "Gini": Text(fmt(summary.get("localization"), ".2f", missing=glyphs.dash)),
+        "bias diff": Text(fmt(summary.get("bias_mean_diff"), ".3g", missing=glyphs.dash)),
+        "norm diff": Text(fmt(summary.get("norm_mean_diff"), ".3g", missing=glyphs.dash)),
+        "zero base": Text(
+            fmt(int(summary["n_zero_base"]), missing=glyphs.dash)
+            if summary.get("n_zero_base")
+            else glyphs.dash,
+            style="bold yellow" if summary.get("n_zero_base") else "dim",
+        ),
     }
     for metric, header in _SPARK_COLUMNS:
         curve = curves.get(metric)
@@ -296,22 +310,32 @@ def _pair_views(
     verdicts: Mapping[tuple[str, str], Verdict],
     glyphs: Glyphs,
 ) -> tuple[Table, Text]:
-    title = "pairs: weight change, and CKA per layer (hidden states 0..L, axis 0..1)"
+    title = (
+        "pairs: weight change (mean diff, Gini: over weight matrices), "
+        "and CKA per layer (hidden states 0..L, axis 0..1)"
+    )
     table = _table(title)
     table.add_column(Text("descendant"))
     table.add_column(Text("method"))
-    table.add_column(Text("mean diff"), justify="right")
-    table.add_column(Text("Gini"), justify="right")
+    # a bias / norm / zero-base column only where some pair has a number for it
+    weight_columns = [
+        h
+        for h, key in zip(_WEIGHT_COLUMNS, _WEIGHT_KEYS, strict=True)
+        if key is None or any(data.weight_summary.get(p.pair_id, {}).get(key) for p in pairs)
+    ]
+    for header in weight_columns:
+        table.add_column(Text(header), justify="right")
     for _, header in _SPARK_COLUMNS:
         table.add_column(Text(header), no_wrap=True)
     table.add_column(Text("dip@"), justify="right")
     listing = Text(title, style="italic")
+    shown = ("method", *weight_columns, *(h for _, h in _SPARK_COLUMNS), "dip@")
     for pair in pairs:
         cells = _pair_cells(pair, data, verdicts, glyphs)
-        table.add_row(Text(pair.descendant), *cells.values())
+        table.add_row(Text(pair.descendant), *(cells[h] for h in shown))
         listing.append("\n")
         listing.append(pair.descendant, style="bold")
-        for key in ("method", "mean diff", "Gini", "dip@"):
+        for key in ("method", *weight_columns, "dip@"):
             listing.append(f"  {key} ")
             listing.append_text(cells[key])
         for _, header in _SPARK_COLUMNS:
@@ -370,10 +394,12 @@ def _group_views(
     listing = Text(title, style="italic")
     for v in verdicts:
         order = _SFT_RL_ORDER if v.finding == "sft_more_than_rl" else None
-        numbers = Text(
-            (fmt_details(v.details, order=order) if order else fmt_details(v.details))
-            or glyphs.dash
-        )
+        # an undecided verdict shows its reason (the summary) only, no NaN numbers
+        if v.observed is None:
+            details = ""
+        else:
+            details = fmt_details(v.details, order=order) if order else fmt_details(v.details)
+        numbers = Text(details or glyphs.dash)
         status = _status_text(v, glyphs)
         table.add_row(Text(v.subject), Text(v.finding), status, numbers, Text(v.summary))
         listing.append(f"\n{v.subject} {v.finding} ")
@@ -384,9 +410,18 @@ def _group_views(
 
 # ---------------------------------------------------------------- heatmap
 def _pair_vmax(comps: Mapping[str, Sequence[float]]) -> float:
-    """The largest finite value of one pair's grid (0.0 when nothing changed)."""
-    finite = [v for row in comps.values() for v in row if v is not None and math.isfinite(v)]
-    return max(finite, default=0.0)
+    """The top of one pair's robust scale (:func:`~reports.tables.heat_scale`)."""
+    return heat_scale(v for row in comps.values() for v in row)
+
+
+def _pair_title(descendant: str, comps: Mapping[str, Sequence[float]], vmax: float) -> str:
+    """Panel title: the scale's top and, when cells lie above it, how many and how high."""
+    if vmax <= 0:
+        return descendant
+    over = [v for row in comps.values() for v in row if math.isfinite(v) and v > vmax]
+    if not over:
+        return f"{descendant} (max {vmax:.3g})"
+    return f"{descendant} (scale 0..{vmax:.3g}; {len(over)} saturated, up to {max(over):.3g})"
 
 
 def _heatmaps(
@@ -412,7 +447,7 @@ def _heatmaps(
     panels = [
         Panel(
             _heat_grid(comps, vmax, glyphs, colour=colour, cell=cell),
-            title=Text(f"{pair.descendant} (max {vmax:.3g})" if vmax > 0 else pair.descendant),
+            title=Text(_pair_title(pair.descendant, comps, vmax)),
             title_align="left",
             expand=False,
         )
@@ -424,17 +459,23 @@ def _heatmaps(
     if all(vmax <= 0 for _, _, vmax in maps):
         legend.append(f"all zero in this group; {glyphs.missing} = not comparable")
         return Group(Columns(panels, padding=(0, 1)), legend)
-    legend.append("each pair on its own linear scale: 0 ")
+    legend.append("each pair on its own robust linear scale: 0 ")
     for i in range(_HEAT_STEPS):
         frac = i / (_HEAT_STEPS - 1)
         legend.append_text(_heat_cell(frac, 1.0, glyphs, colour=colour, cell=1))
-    legend.append(f" the pair's largest value (in its title); {glyphs.missing} = not comparable")
+    legend.append(
+        f" the scale's top (in its title); {glyphs.saturated} = above it (an outlier, e.g. a "
+        f"tensor that is zero in the base: diff 2 for any change); "
+        f"{glyphs.missing} = not comparable"
+    )
     return Group(Columns(panels, padding=(0, 1)), legend)
 
 
 def _heat_cell(value: float, vmax: float, glyphs: Glyphs, *, colour: bool, cell: int) -> Text:
     if value is None or not math.isfinite(value):
         return Text(glyphs.missing * cell, style="dim")
+    if vmax > 0 and value > vmax:  # saturated: marked, never the scale's top colour alone
+        return Text(glyphs.saturated * cell, style="bold yellow")
     if not colour:
         return Text(shade(value, vmax, glyphs=glyphs) * cell)
     frac = value / vmax if vmax > 0 else 0.0

@@ -164,13 +164,18 @@ def test_weight_outside_layers_and_per_matrix() -> None:
 
 
 def test_weight_summary_numbers() -> None:
+    """The headline is over the block matrices (study Fig. 3); other kinds apart."""
     s = weight_summary(RECORDS)
-    finite = [0.1, 0.4, 0.3, 0.2, 0.0, 0.05, 0.01]
+    matrices = [0.1, 0.3, 0.2]  # q_proj.weight of blocks 0..2
     assert s["n_tensors"] == 9 and s["n_compared"] == 7 and s["n_not_compared"] == 2
-    assert s["mean_diff"] == pytest.approx(np.mean(finite))
-    assert s["max_diff"] == pytest.approx(0.4)
-    assert s["median_diff"] == pytest.approx(0.1)
-    assert s["gini"] == pytest.approx(localization([0.5, 0.3, 0.2]).gini)
+    assert s["n_matrices"] == 3 and s["n_zero_base"] == 0
+    assert s["mean_diff"] == pytest.approx(np.mean(matrices))
+    assert s["max_diff"] == pytest.approx(0.3)
+    assert s["median_diff"] == pytest.approx(0.2)
+    assert s["bias_mean_diff"] == pytest.approx(0.2) and s["bias_n"] == 2  # 0.4, 0.0
+    assert s["norm_mean_diff"] == pytest.approx(0.01)
+    assert s["embedding_mean_diff"] == pytest.approx(0.05)
+    assert s["gini"] == pytest.approx(localization(matrices).gini)
     assert all(math.isfinite(v) for v in s.values())
 
 
@@ -180,7 +185,13 @@ def test_weight_summary_of_unchanged_copy_has_no_localization() -> None:
     ]
     s = weight_summary(same)
     assert s["mean_diff"] == 0.0 and "gini" not in s
-    assert weight_summary([]) == {"n_tensors": 0.0, "n_compared": 0.0, "n_not_compared": 0.0}
+    assert weight_summary([]) == {
+        "n_tensors": 0.0,
+        "n_compared": 0.0,
+        "n_not_compared": 0.0,
+        "n_matrices": 0.0,
+        "n_zero_base": 0.0,
+    }
 
 
 def test_weight_records_of_two_pairs_are_refused() -> None:

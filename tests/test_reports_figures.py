@@ -187,3 +187,22 @@ def test_write_figures_does_not_mutate_its_input(tmp_path: Path) -> None:
     figures.build_figure_3(data)
     figures.build_figure_4(data)
     assert data == before
+
+
+def test_figure_3_clips_a_saturated_point_and_marks_it() -> None:
+    """A zero-base tensor's 2.0 must not flatten the other lines of its panel."""
+    data = make_report_data()
+    pid = data.pairs[0].pair_id
+    comp = next(iter(data.weight_layers[pid]))
+    values = list(data.weight_layers[pid][comp])
+    others = [v for p in data.pairs for v in data.weight_layers[p.pair_id].get(comp, [])]
+    values[2] = 2.0
+    data.weight_layers[pid][comp] = values
+    fig = figures.build_figure_3(data)
+    assert fig is not None
+    ax = next(a for a in fig.axes if a.get_title().startswith(figures.component_label(comp)))
+    assert "1 saturated, up to 2" in ax.get_title()
+    assert ax.get_ylim()[1] < 2.0  # the scale is the rest's, with headroom
+    assert ax.get_ylim()[1] >= max(v for v in others if v < 2.0)
+    markers = ax.collections[0].get_offsets()
+    assert [float(x) for x, _ in markers] == [2.0]  # the saturated point, at its block

@@ -353,9 +353,12 @@ def test_heatmap_scales_each_pair_so_an_outlier_hides_no_other_pair() -> None:
     sft = "".join(_panel_rows(text, "toy-sft-b"))
     massive = "".join(_panel_rows(text, "toy-massive"))
     assert "█" in sft and "▓" in sft  # its own largest value is the darkest shade
-    assert "toy-sft-b (max 0.19)" in text and "toy-massive (max 2)" in text
-    assert "█" in massive and "░" in massive  # block 7's small change stays visible
+    assert "toy-sft-b (max 0.19)" in text
+    # massive's planted 2.0 is an outlier: saturated (marked), its scale is the rest's
+    assert "toy-massive (scale 0..0.01; 1 saturated, up to 2)" in text
+    assert "█" in massive  # block 7's small change is the top of massive's robust scale
     assert "block" in sft and "layer" not in sft  # the axis is the decoder block index
     flat = " ".join(text.split())
-    assert "decoder block (columns, 0-based), each pair on its own linear scale" in flat
-    assert "the pair's largest value (in its title)" in flat
+    assert "decoder block (columns, 0-based), each pair on its own robust linear scale" in flat
+    assert "the scale's top (in its title); ▲ = above it" in flat
+    assert "▲" in massive  # the saturated cell is marked, not the darkest shade

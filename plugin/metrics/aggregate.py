@@ -13,7 +13,9 @@ Public API
 - :func:`weight_layer_totals` -- per-layer sum of normalized diffs over components: the
   quantity whose shares :func:`reasondiff.metrics.findings.localization` scores.
 - :func:`weight_outside_layers` -- ``{tensor: normalized diff}`` for tensors outside blocks.
-- :func:`weight_summary` -- a few headline numbers for the report (``mean_diff`` ...).
+- :func:`weight_kind` -- matrix / embedding / bias / norm / other, by shape and name.
+- :func:`weight_summary` -- headline numbers over weight matrices, other kinds apart.
+- :func:`zero_base_tensors` -- tensors whose base is (near) zero (normalized diff 2).
 - :func:`per_matrix_diffs` -- normalized diffs of 2-D weight matrices (SFT-vs-RL test).
 
 Trace ids are ``"<set>:<id>"`` (see :class:`reasondiff.records.PairResult`); the set
@@ -38,10 +40,12 @@ __all__ = [
     "per_matrix_diffs",
     "trace_set_of",
     "trace_sets_of",
+    "weight_kind",
     "weight_layer_table",
     "weight_layer_totals",
     "weight_outside_layers",
     "weight_summary",
+    "zero_base_tensors",
 ]
 
 
@@ -147,19 +151,41 @@ def weight_layer_table(records: Iterable[WeightRecord]) -> dict[str, list[float]
     }
 
 
-def weight_layer_totals(records: Iterable[WeightRecord]) -> list[float]:
+def weight_layer_totals(
+    records: Iterable[WeightRecord], *, matrices_only: bool = False
+) -> list[float]:
     """Per decoder layer, the sum of normalized diffs over its comparable tensors.
 
     This is what the localization index shares out over layers: a layer whose every
     matrix moved by d contributes (number of components) x d. Length = number of decoder
     layers seen in the records (layers without a comparable tensor count 0).
+    ``matrices_only`` sums the 2-D weight matrices alone (attention and MLP, as the
+    study's Figure 3): biases and norms change on another scale, and a zero-base bias
+    sits at 2 for any change.
     """
     recs = list(records)
     totals = [0.0] * num_blocks(recs)
     for r in _comparable(recs):
-        if r.layer >= 0:
+        if r.layer >= 0 and (not matrices_only or weight_kind(r) == "matrix"):
             totals[r.layer] += r.normalized_diff
     return totals
+
+
+#: Tensor kinds of :func:`weight_kind`, in report order.
+WEIGHT_KINDS = ("matrix", "embedding", "bias", "norm", "other")
+
+
+def weight_kind(r: WeightRecord) -> str:
+    """``matrix`` (2-D inside a block: attention, MLP), ``embedding`` (2-D outside the
+    blocks: embeddings, lm_head), ``bias``, ``norm`` or ``other`` (1-D, scalars)."""
+    name = r.component or r.tensor
+    if "norm" in name.lower():  # input_layernorm, post_attention_layernorm, model.norm
+        return "norm"
+    if name.endswith("bias"):
+        return "bias"
+    if _is_matrix(r):
+        return "matrix" if r.layer >= 0 else "embedding"
+    return "other"
 
 
 def weight_outside_layers(records: Iterable[WeightRecord]) -> dict[str, float]:
@@ -168,34 +194,55 @@ def weight_outside_layers(records: Iterable[WeightRecord]) -> dict[str, float]:
 
 
 def weight_summary(records: Iterable[WeightRecord]) -> dict[str, float]:
-    """Headline numbers for a pair's weights (all floats, no NaN).
+    """Headline numbers for a pair's weights (all floats, no NaN), over weight matrices.
 
-    Keys: ``n_tensors``, ``n_compared`` (finite metrics), ``n_not_compared``, and when at
-    least one tensor was compared ``mean_diff`` / ``median_diff`` / ``max_diff``
-    (normalized), ``mean_relative_diff``; when some layer changed, ``gini`` and
-    ``max_layer_share_ratio`` from the localization index over layer totals.
+    Keys: ``n_tensors``, ``n_compared`` (finite metrics), ``n_not_compared``,
+    ``n_matrices`` and ``n_zero_base`` (tensors whose base is (near) zero:
+    :attr:`~reasondiff.records.WeightRecord.base_near_zero`). Over the 2-D matrices
+    inside the blocks (the study's Figure 3), when there are any: ``mean_diff`` /
+    ``median_diff`` / ``max_diff`` (normalized) and ``mean_relative_diff``; ``gini`` and
+    ``max_layer_share_ratio`` from the localization index over their layer totals. Each
+    other kind (``embedding``, ``bias``, ``norm``, ``other``) gets ``<kind>_mean_diff`` and
+    ``<kind>_n`` of its own, never mixed into the headline.
     """
     recs = list(records)
     ok = _comparable(recs)
+    by_kind: dict[str, list[WeightRecord]] = {}
+    for r in ok:
+        by_kind.setdefault(weight_kind(r), []).append(r)
+    mats = by_kind.get("matrix", [])
     out: dict[str, float] = {
         "n_tensors": float(len(recs)),
         "n_compared": float(len(ok)),
         "n_not_compared": float(len(recs) - len(ok)),
+        "n_matrices": float(len(mats)),
+        "n_zero_base": float(sum(r.base_near_zero for r in ok)),
     }
-    if ok:
-        d = np.array([r.normalized_diff for r in ok])
-        rel = [r.relative_diff for r in ok if math.isfinite(r.relative_diff)]
+    if mats:
+        d = np.array([r.normalized_diff for r in mats])
+        rel = [r.relative_diff for r in mats if math.isfinite(r.relative_diff)]
         out["mean_diff"] = float(d.mean())
         out["median_diff"] = float(np.median(d))
         out["max_diff"] = float(d.max())
         if rel:
             out["mean_relative_diff"] = float(np.mean(rel))
-    totals = weight_layer_totals(recs)
+    for kind in WEIGHT_KINDS[1:]:
+        rows = by_kind.get(kind, [])
+        if rows:
+            out[f"{kind}_n"] = float(len(rows))
+            out[f"{kind}_mean_diff"] = float(np.mean([r.normalized_diff for r in rows]))
+    totals = weight_layer_totals(recs, matrices_only=True)
     if totals and sum(totals) > 0:
         shares = layer_shares(np.asarray(totals, dtype=np.float64))
         out["gini"] = shares.gini
         out["max_layer_share_ratio"] = shares.max_share_ratio
     return out
+
+
+def zero_base_tensors(records: Iterable[WeightRecord]) -> list[str]:
+    """Names of the tensors whose base is (near) zero: their normalized diff is 2 for any
+    change, so they are flagged, not read as a large change."""
+    return [r.tensor for r in records if r.base_near_zero]
 
 
 def per_matrix_diffs(records: Iterable[WeightRecord], *, blocks_only: bool = False) -> list[float]:
