@@ -22,9 +22,10 @@ from .findings import (
     pair_verdicts,
     sft_more_than_rl,
 )
+from .methods import METHODS
 from .options import DEVICES, DTYPES, OPTIONS, DiffOptions, parse_bytes
 from .records import CacheStats, Curve, PairInfo, PairResult, ReportData, Verdict
-from .registry import METHODS, ModelSpec, PairSpec, Registry, key_from_source, slug
+from .registry import ModelSpec, PairSpec, Registry, key_from_source, slug
 
 #: The documented default of every option (the one table: ``reasondiff.options.OPTIONS``).
 _DEFAULT: dict[str, Any] = {o.dest: o.default for o in OPTIONS}
@@ -526,12 +527,14 @@ class Comparison(Sequence[PairResult]):
         from .bundle import write_bundle
         from .diskcheck import check_report_dir
         from .dtypes import dtypes_from_notes
+        from .traces import generators_from_notes
 
         out = Path(out_dir)
         check_report_dir(out)
         ok = self.ok
         config = dict(self.config)
         config["dtype_resolved"] = dtypes_from_notes(n for r in ok for n in r.notes)
+        config["trace_generators"] = generators_from_notes(n for r in ok for n in r.notes)
         verdicts = [v for v in self.verdicts() if not _is_failed_subject(v, self.failed)]
         write_bundle(out, ok, verdicts, config=config)
         try:

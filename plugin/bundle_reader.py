@@ -53,6 +53,7 @@ from .records import (
     PairResult,
     Verdict,
     WeightRecord,
+    infer_num_layers,
     trace_sets_of,
 )
 from .registry import slug
@@ -285,14 +286,6 @@ def _weight_record(row: _Row, block_col: str | None) -> WeightRecord:
     )
 
 
-def _infer_num_layers(res: PairResult) -> int:
-    """L from the rows: the largest hidden-state layer of cka.csv (which always holds L),
-    else the number of decoder blocks seen in weights.csv (blocks 0..L-1); 0 if neither."""
-    if res.cka:
-        return max(c.layer for c in res.cka)
-    return max((w.layer for w in res.weights), default=-1) + 1
-
-
 def _trace_sets(res: PairResult) -> list[str]:
     """Trace-set names of the pair's CKA rows (``<set>:<id>``), in first-seen order."""
     return trace_sets_of(c.trace for c in res.cka)
@@ -398,7 +391,7 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
             )
     for res in results:
         if res.info.num_layers <= 0:
-            res.info.num_layers = _infer_num_layers(res)
+            res.info.num_layers = infer_num_layers(res)
         if not res.trace_sets:
             res.trace_sets = _trace_sets(res)
     if (root / "massive.csv").exists():

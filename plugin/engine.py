@@ -46,6 +46,7 @@ from .registry import ModelSpec, PairSpec, slug
 from .runlog import RunLog
 from .scheduler import Scheduler
 from .scoring import Job, PassOutcome, ScoringPass
+from .traces import generator_note
 
 #: Builds a pass's hidden-state source from the engine's config, model pool and log
 #: (:class:`~reasondiff.hidden_states.WholeModelForwards` by default).
@@ -201,6 +202,7 @@ class Engine:
         mates = [s for s in siblings if s.base.key == pair.base.key and s.pair_id != pair.pair_id]
         for src in self.sources():
             result.trace_sets.append(src.name)
+            result.notes.append(generator_note(src.name, src.trace_set))
 
             manifest, entries = self.scheduler.entries(
                 pair,

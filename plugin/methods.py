@@ -7,7 +7,9 @@ The registry file, ``--method`` and ``reasondiff.compare(method=...)`` all call
 from __future__ import annotations
 
 from .errors import RegistryError
-from .registry import METHODS
+
+#: The training methods a descendant may declare.
+METHODS = ("SFT", "RL", "SFT+RL")
 
 __all__ = ["METHODS", "check_method"]
 

@@ -276,7 +276,7 @@ def check_run(
 
 def check_compare_arguments(descendants: object, method: str | None) -> None:
     """``compare()``'s arguments, before the registry is read or a model is touched."""
-    from .registry import METHODS
+    from .methods import METHODS
 
     if isinstance(descendants, str | bytes | os.PathLike):
         raise TypeError(

@@ -384,9 +384,13 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
 def _write_outputs(ds: DiffSession, out_dir: Path) -> None:
     from .bundle import write_bundle
     from .dtypes import dtypes_from_notes
+    from .traces import generators_from_notes
 
     config = ds.options.to_dict()
     config["dtype_resolved"] = dtypes_from_notes(n for r in ds.ordered_results() for n in r.notes)
+    config["trace_generators"] = generators_from_notes(
+        n for r in ds.ordered_results() for n in r.notes
+    )
     source = getattr(ds, "bundle", None)
     if source is not None:
         # A replay measured nothing: how the numbers were made is the bundle's config,
@@ -394,7 +398,7 @@ def _write_outputs(ds: DiffSession, out_dir: Path) -> None:
         from .preflight import REPLAY_REFUSED
 
         measured = {flag.lstrip("-").replace("-", "_") for flag in REPLAY_REFUSED}
-        for key in measured | {"dtype_resolved"}:
+        for key in measured | {"dtype_resolved", "trace_generators"}:
             if key in source.config:
                 config[key] = source.config[key]
             else:

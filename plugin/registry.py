@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RegistryError
+from .methods import check_method
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-METHODS = ("SFT", "RL", "SFT+RL")
 FINDINGS = (
     "bathtub",
     "bathtub_explained",
@@ -257,8 +257,7 @@ def adhoc_pair(
     base: str, candidate: str, *, label: str | None = None, method: str | None = None
 ) -> PairSpec:
     """A pair from --base/--candidate: no expectations, so verdicts are only reported."""
-    if method is not None and method not in METHODS:
-        raise RegistryError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    check_method(method, what="--method")
     b = ModelSpec(key=key_from_source(base), source=base)
     d = ModelSpec(key=key_from_source(candidate), source=candidate, base=b.key, method=method)
     return PairSpec(base=b, descendant=d, group=None, label=label)
@@ -292,10 +291,7 @@ def _parse_into(
         if "source" not in m:
             raise RegistryError(f"{name}: [{where}] has no 'source' (hub id, path or toy:<recipe>)")
         method = m.get("method")
-        if method is not None and method not in METHODS:
-            raise RegistryError(
-                f"{name}: [{where}] method {method!r} is not one of {', '.join(METHODS)}"
-            )
+        check_method(method, what=f"{name}: [{where}] method")
         groups_of = m.get("groups", [])
         if isinstance(groups_of, str):
             groups_of = [groups_of]

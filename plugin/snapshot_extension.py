@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from syrupy.extensions.json import JSONSnapshotExtension
 
 from .bundle_writer import atomic_write_text
+from .metrics.defaults import CURVE_ATOL
 from .records import Curve
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class CurveSnapshotExtension(JSONSnapshotExtension):
     Subclass, or call :func:`make_curve_extension`, to change the tolerances.
     """
 
-    atol: ClassVar[float] = 0.02
+    atol: ClassVar[float] = CURVE_ATOL
     rtol: ClassVar[float] = 0.0
     digits: ClassVar[int] = 6
 

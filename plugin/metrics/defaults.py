@@ -8,6 +8,8 @@ imports: the options module reads them at plugin import.
 
 from __future__ import annotations
 
+from typing import Final
+
 #: bathtub: minimum drop of the dip below both its sides (METHODS §8)
 BATHTUB_DELTA = 0.25
 #: bathtub: the dip's bottom must lie at bottom / L within this band (inclusive)
@@ -32,5 +34,5 @@ DOMINANT_K = 10
 #: bootstrap resamples (curve intervals over traces, medians over matrices)
 BOOTSTRAP = 1000
 #: RBF bandwidth median convention: "offdiag" (ours) or "all" (the reference's)
-RBF_MEDIAN = "offdiag"
+RBF_MEDIAN: Final = "offdiag"
 RBF_MEDIANS = ("offdiag", "all")

@@ -29,6 +29,7 @@ import torch
 
 from ..records import CKA_METRICS, DIAGNOSTIC_METRICS
 from ._validate import Matrix
+from .defaults import RBF_MEDIAN
 from .dominant import (
     _top,
     dominant_datapoints,
@@ -91,7 +92,7 @@ def score_layer(
     *,
     k: int,
     name: str = "descendant",
-    rbf_median: Literal["offdiag", "all"] = "offdiag",
+    rbf_median: Literal["offdiag", "all"] = RBF_MEDIAN,
     form: Form = "auto",
 ) -> dict[str, Any]:
     """All metrics of one (pair, trace, layer) as a JSON-able cache entry.
@@ -156,7 +157,7 @@ def score_pair_layer(
     *,
     k: int,
     names: tuple[str, str] = ("base", "descendant"),
-    rbf_median: Literal["offdiag", "all"] = "offdiag",
+    rbf_median: Literal["offdiag", "all"] = RBF_MEDIAN,
     form: Form = "auto",
 ) -> dict[str, Any]:
     """:func:`score_layer` for a single pair (nothing shared): the one-shot form."""
