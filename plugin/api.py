@@ -89,6 +89,7 @@ def compare(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     pass_size: int | None = _DEFAULT["pass_size"],
+    stream_blocks: bool = False,
     # finding thresholds: likewise
     bathtub_delta: float = _DEFAULT["bathtub_delta"],
     bathtub_band: tuple[float, float] = _DEFAULT["bathtub_band"],
@@ -135,6 +136,7 @@ def compare(
         trust_remote_code=trust_remote_code,
         allow_pickle=allow_pickle,
         pass_size=pass_size,
+        stream_blocks=stream_blocks,
         bathtub_delta=bathtub_delta,
         bathtub_band=bathtub_band,
         final_layer_margin=final_layer_margin,

@@ -35,6 +35,9 @@ class EngineConfig:
     #: Descendants scored in one pass at most (None: as many as fit in memory, see
     #: :meth:`ModelPool.memory_budget <reasondiff.model_pool.ModelPool.memory_budget>`); each is resident on the device during the pass.
     pass_size: int | None = None
+    #: Block-streamed passes (:mod:`reasondiff.streaming`) for every pass; when False a
+    #: pass streams only if its models do not fit the memory budget.
+    stream_blocks: bool = False
 
     @classmethod
     def from_options(cls, options: Any) -> EngineConfig:
@@ -53,6 +56,7 @@ class EngineConfig:
             trust_remote_code=options.trust_remote_code,
             allow_pickle=options.allow_pickle,
             pass_size=options.pass_size,
+            stream_blocks=options.stream_blocks,
         )
 
 

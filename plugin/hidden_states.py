@@ -3,8 +3,9 @@
 A source is called with one trace and the models of a pass (base first) and yields
 ``(layer, {model_key: {"hidden": tensor, "prenorm": tensor}})`` in layer order
 (``prenorm`` only for the final layer L). :class:`WholeModelForwards` runs one whole
-forward per model and hands the layers out of its output; a block-streamed source (one
-decoder block resident at a time) can take its place without the pass changing.
+forward per model and hands the layers out of its output. Block streaming is not a
+per-trace source (it goes block-major over every trace of a pass at once, so each
+checkpoint is read once): the pass runs it itself (``ScoringPass._score_streamed``).
 
 A descendant whose forward fails is left out of every layer, with its error in
 ``errors[model_key]``; a failure of the base raises (every pair needs the base).

@@ -404,6 +404,12 @@ class DiffOptions:
         "also store hidden states in the activation cache (N x D per layer and trace; "
         "default: only metric results are cached)",
     )
+    stream_blocks: bool = _flag(
+        "--stream-blocks",
+        "score passes block by block (one decoder block per model resident, every trace "
+        "through it, then the next block); default: only when a pass's models do not fit "
+        "the device memory budget",
+    )
     model_group_given: bool = field(default=False, compare=False)
 
     @property

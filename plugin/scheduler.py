@@ -93,7 +93,8 @@ class Scheduler:
         share = max(1, math.ceil((len(mates) + 1) / max(1, self.worker_count or 1)))
         if self.config.pass_size is not None:
             share = min(share, self.config.pass_size)
-        budget = self.pool.memory_budget()
+        # A streamed pass holds one block per model, not whole models: no budget to claim by.
+        budget = None if self.config.stream_blocks else self.pool.memory_budget()
         base_key = pair.base.key
         resident = (
             0

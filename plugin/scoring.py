@@ -86,14 +86,20 @@ class ScoringPass:
         if live and traces is not None:
             names = ", ".join(w.job.pair.descendant.key for w in live)
             subject = f"{base.key} vs {names} [{src.name}]"
-            with progress_for(
-                "compare", len(traces.traces), subject=subject, unit="traces"
-            ) as step:
-                for trace in traces.traces:
-                    todo = [w for w in live if w.error is None and self._missing(w, trace, layers)]
-                    if todo:
-                        self._score_trace(base, base_dir, todo, trace, layers, L)
-                    step(trace.id)
+            if self._streaming(base, base_dir, live):
+                with progress_for("compare", len(layers), subject=subject, unit="layers") as step:
+                    self._score_streamed(base, base_dir, live, traces, layers, step)
+            else:
+                with progress_for(
+                    "compare", len(traces.traces), subject=subject, unit="traces"
+                ) as step:
+                    for trace in traces.traces:
+                        todo = [
+                            w for w in live if w.error is None and self._missing(w, trace, layers)
+                        ]
+                        if todo:
+                            self._score_trace(base, base_dir, todo, trace, layers, L)
+                        step(trace.id)
         outcome = PassOutcome()
         for w in work:
             if w.error is not None:
@@ -151,6 +157,112 @@ class ScoringPass:
         w.entries[trace.id] = have
         return False
 
+    # ------------------------------------------------------------------ block-streamed
+    def _streaming(self, base: ModelSpec, base_dir: Path, live: Sequence[_Work]) -> bool:
+        """Whether this pass streams blocks: ``stream_blocks``, or its models (those not
+        loaded yet) do not fit the memory budget. A model that cannot stream (architecture,
+        pickle weights) keeps the pass whole; each decision is a run note."""
+        from .models import checkpoint_files
+        from .streaming import supports_streaming
+
+        dirs = [(base.key, base_dir)]
+        dirs += [(w.job.pair.descendant.key, w.job.desc_dir) for w in live]
+        if self.config.stream_blocks:
+            why = "--stream-blocks"
+        else:
+            budget = self.pool.memory_budget()
+            need = sum(self.pool.model_bytes(d) for k, d in dirs if not self.pool.is_loaded(k))
+            if budget is None or need <= budget:
+                return False
+            why = (
+                f"the models of the pass over {base.key} ({_gib(need)}) do not fit the "
+                f"memory budget ({_gib(budget)})"
+            )
+        for key, path in dirs:
+            ok, reason = supports_streaming(self.pool.read_config(path, key))
+            if ok and checkpoint_files(path, allow_pickle=True, name=key).format != "safetensors":
+                ok, reason = False, "pickle weights cannot be read block by block"
+            if not ok:
+                self.log.note(f"not streaming blocks ({why}): model {key}: {reason}")
+                return False
+        self.log.note(f"streaming blocks: {why}")
+        if self.config.keep_activations:
+            self.log.note("--keep-activations: streamed passes do not store hidden states")
+        return True
+
+    def _score_streamed(
+        self,
+        base: ModelSpec,
+        base_dir: Path,
+        live: Sequence[_Work],
+        traces: TraceSet,
+        layers: list[int],
+        step: Any,
+    ) -> None:
+        """Block-major over every trace of the pass (:func:`reasondiff.streaming.stream_layers`):
+        each checkpoint read once, each yielded layer scored for every (descendant, trace)
+        by :meth:`_score_layer` as the whole pass does, into the same entries. A failure of
+        the stream itself (a checkpoint, a forward) fails every pair of the pass."""
+        from .activations import FORWARD_COUNTER
+        from .streaming import StreamModel, stream_layers
+
+        need: list[tuple[Trace, list[_Work]]] = []
+        for trace in traces.traces:
+            todo = [w for w in live if w.error is None and self._missing(w, trace, layers)]
+            if todo:
+                need.append((trace, todo))
+        works = [w for w in live if any(w is x for _, todo in need for x in todo)]
+        if not works:
+            return
+        self.pool.release()  # whole models of earlier passes: what streaming saves
+        models = [StreamModel("base", base_dir)]
+        models += [StreamModel(w.job.key, w.job.desc_dir) for w in works]
+        before = FORWARD_COUNTER.count
+        layer_iter = stream_layers(
+            models,
+            [list(trace.token_ids) for trace, _ in need],
+            layers=layers,
+            device=self.pool.device,
+            dtype=self.config.dtype,
+        )
+        prenorm: dict[int, dict[str, dict[str, Any]]] = {}  # trace index -> scores of prenorm.L
+        try:
+            while True:
+                with self.log.stage("forwards"):
+                    got = next(layer_iter, None)
+                if got is None:
+                    break
+                with self.log.stage("metrics"):
+                    for t, (trace, todo) in enumerate(need):
+                        scored = self._score_layer(
+                            base,
+                            todo,
+                            trace.id,
+                            got.layer,
+                            got.kind,
+                            got.states["base"][t],
+                            {w.job.key: got.states[w.job.key][t] for w in todo},
+                        )
+                        if got.kind == "prenorm":
+                            prenorm[t] = scored
+                        else:
+                            self._store_layer(
+                                todo, trace.id, got.layer, scored, prenorm.pop(t, None)
+                            )
+                if got.kind == "hidden":
+                    step(f"layer {got.layer}")
+                del got
+        except Exception as exc:
+            for w in works:
+                if w.error is None:
+                    w.error = exc
+        finally:
+            layer_iter.close()
+            done = FORWARD_COUNTER.count - before
+            self.log.forwards += done
+            self.log.stats.activations_computed += done
+
+    # ------------------------------------------------------------------ whole models
     def _score_trace(
         self,
         base: ModelSpec,
@@ -160,55 +272,94 @@ class ScoringPass:
         layers: list[int],
         L: int,
     ) -> None:
-        """Every layer of one trace: the base side prepared once, each descendant scored."""
-        from .metrics.layer import prepare_base_layer, score_layer
-
+        """Every layer of one trace from the source, each scored by :meth:`_score_layer`."""
         refs = [ModelRef("base", base, base_dir)]
         refs += [ModelRef(w.job.key, w.job.pair.descendant, w.job.desc_dir) for w in todo]
         errors: dict[str, Exception] = {}
-        k, form, med = self.config.dominant_k, self._form(), self.config.rbf_median
         for lay, states in self.source(trace, refs, layers, L, errors):
             for w in todo:
                 if w.error is None and w.job.key in errors:
                     w.error = errors[w.job.key]
             with self.log.stage("metrics"):
-                per_job: dict[str, dict[str, Any]] = {}
-                for kind in states["base"]:
-                    label = "" if kind == "hidden" else f"{kind} "
-                    where = f"{label}layer {lay}, trace {trace.id}"
-                    side = prepare_base_layer(
-                        states["base"][kind], name=f"{base.key} {where}", k=k, form=form
+                scored = {
+                    kind: self._score_layer(
+                        base,
+                        todo,
+                        trace.id,
+                        lay,
+                        kind,
+                        states["base"][kind],
+                        {k: h[kind] for k, h in states.items() if kind in h},
                     )
-                    for w in todo:
-                        if w.error is not None:
-                            continue
-                        try:
-                            entry = score_layer(
-                                side,
-                                states[w.job.key][kind],
-                                k=k,
-                                name=f"{w.job.pair.descendant.key} {where}",
-                                rbf_median=med,  # type: ignore[arg-type]
-                                form=form,
-                            )
-                        except Exception as exc:
-                            w.error = exc
-                            continue
-                        if kind == "hidden":
-                            per_job[w.job.key] = entry
-                        else:
-                            for m in ("linear", "rbf", "linear_without_dominant"):
-                                per_job[w.job.key]["metrics"][f"{m}_{kind}"] = entry["metrics"][m]
-                    del side
-                for w in todo:
-                    if w.error is None:
-                        stored = self.store.put(w.job.key, trace.id, lay, per_job[w.job.key])
-                        w.entries.setdefault(trace.id, {})[lay] = stored
+                    for kind in states["base"]
+                }
+                self._store_layer(todo, trace.id, lay, scored["hidden"], scored.get("prenorm"))
             del states
         for w in todo:  # a forward that failed after the last layer was handed out
             if w.error is None and w.job.key in errors:
                 w.error = errors[w.job.key]
 
+    def _score_layer(
+        self,
+        base: ModelSpec,
+        todo: Sequence[_Work],
+        trace_id: str,
+        lay: int,
+        kind: str,
+        base_state: Any,
+        states: dict[str, Any],
+    ) -> dict[str, dict[str, Any]]:
+        """One layer of one trace for every live descendant, the base side prepared once:
+        job key -> entry. A descendant whose scoring fails gets the error and no entry.
+        Both passes (whole and streamed) call this: one place for the per-layer scores."""
+        from .metrics.layer import prepare_base_layer, score_layer
+
+        k, form, med = self.config.dominant_k, self._form(), self.config.rbf_median
+        label = "" if kind == "hidden" else f"{kind} "
+        where = f"{label}layer {lay}, trace {trace_id}"
+        side = prepare_base_layer(base_state, name=f"{base.key} {where}", k=k, form=form)
+        out: dict[str, dict[str, Any]] = {}
+        for w in todo:
+            if w.error is not None:
+                continue
+            try:
+                out[w.job.key] = score_layer(
+                    side,
+                    states[w.job.key],
+                    k=k,
+                    name=f"{w.job.pair.descendant.key} {where}",
+                    rbf_median=med,  # type: ignore[arg-type]
+                    form=form,
+                )
+            except Exception as exc:
+                w.error = exc
+        del side
+        return out
+
+    def _store_layer(
+        self,
+        todo: Sequence[_Work],
+        trace_id: str,
+        lay: int,
+        hidden: dict[str, dict[str, Any]],
+        prenorm: dict[str, dict[str, Any]] | None,
+    ) -> None:
+        """Put each live descendant's entry of (trace, layer), the prenorm metrics (layer L)
+        merged into the hidden entry, in the metric store."""
+        for w in todo:
+            if w.error is not None:
+                continue
+            entry = hidden[w.job.key]
+            if prenorm is not None:
+                for m in ("linear", "rbf", "linear_without_dominant"):
+                    entry["metrics"][f"{m}_prenorm"] = prenorm[w.job.key]["metrics"][m]
+            stored = self.store.put(w.job.key, trace_id, lay, entry)
+            w.entries.setdefault(trace_id, {})[lay] = stored
+
     def _form(self) -> Form:
         """N x N Gram matrices on a GPU (shared base kernels); today's auto form on CPU."""
         return "gram" if self.pool.device.startswith("cuda") else "auto"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"

@@ -29,7 +29,7 @@ whole-model passes. No pytest, no caching, no metric math.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -154,7 +154,7 @@ def stream_layers(
     dtype: str = "auto",
     prenorm: bool = True,
     budget_bytes: int | None = None,
-) -> Iterator[StreamedLayer]:
+) -> Generator[StreamedLayer, None, None]:
     """Yield layer after layer, block-major, the hidden states of every (model, trace).
 
     ``layers`` selects the ``hidden`` layers yielded (default 0..L); ``prenorm.L`` comes
