@@ -308,6 +308,7 @@ def test_engine_config_maps_every_option(tmp_path: Path) -> None:
         "trust_remote_code": True,
         "allow_pickle": True,
         "pass_size": 2,
+        "stream_blocks": True,
     }
     opts = DiffOptions(diff_cache=str(tmp_path / "c"), **values)  # type: ignore[arg-type]
     cfg = EngineConfig.from_options(opts)
