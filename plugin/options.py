@@ -32,6 +32,7 @@ from .metrics.defaults import (
     RBF_MEDIANS,
     SFT_RL_RATIO,
 )
+from .sharding import Shard, ShardError, parse_shard
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -123,6 +124,13 @@ def rbf_median_note(options: DiffOptions, bundle_config: dict[str, Any] | None) 
         f"RBF CKA bandwidth: median over all pairwise distances, diagonal zeros included "
         f"(--rbf-median {convention}, the reference code's convention; default {RBF_MEDIAN})"
     )
+
+
+def _shard(text: str) -> Shard:
+    try:
+        return parse_shard(text)
+    except ShardError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _pos_int(text: str) -> int:
@@ -286,10 +294,19 @@ class DiffOptions:
         ini=True,
         metavar="DIR",
     )
-    from_results: str | None = _opt(
+    from_results: tuple[str, ...] | None = _opt(
         "--from-results",
-        "replay a results bundle (its directory, not a file in it) instead of loading models",
+        "replay results bundles (their directories, not files in them) as one run instead "
+        "of loading models; several bundles (e.g. one per --shard) are merged",
         metavar="DIR",
+    )
+    shard: Shard | None = _opt(  # noqa: RUF009 (a frozen dataclass)
+        "--shard",
+        "run only shard I of N (1-based) of the selected pairs, e.g. 2/4; merge the "
+        "shards' bundles with --from-results DIR DIR ...",
+        None,
+        _shard,
+        metavar="I/N",
     )
     bathtub_delta: float = _opt(
         "--bathtub-delta",
@@ -431,6 +448,8 @@ class DiffOptions:
         d["layers"] = list(self.layers) if self.layers is not None else None
         d["bathtub_band"] = list(self.bathtub_band)
         d["registry"] = list(self.registry)
+        d["from_results"] = list(self.from_results) if self.from_results else None
+        d["shard"] = str(self.shard) if self.shard is not None else None
         return d
 
 
@@ -457,6 +476,9 @@ def add_options(parser: pytest.Parser) -> None:
             kwargs["metavar"] = opt.metavar
         if opt.dest == "registry":
             kwargs["action"] = "append"
+        if opt.dest == "from_results":
+            kwargs["action"] = "extend"
+            kwargs["nargs"] = "+"
         group.addoption(opt.flag, **kwargs)
         if opt.ini:
             # argparse %-formats option help (hence "%%"); ini help is printed as it is
@@ -484,6 +506,10 @@ def options_from_config(config: pytest.Config) -> DiffOptions:
     for opt in OPTIONS:
         if opt.dest == "registry":
             values["registry"] = tuple(config.getoption("rd_registry") or ())
+            continue
+        if opt.dest == "from_results":
+            dirs = tuple(config.getoption("rd_from_results") or ())
+            values["from_results"] = dirs or None
             continue
         text, where = _raw_value(config, opt)
         if text is None:

@@ -69,7 +69,15 @@ class DiffSession:
         self.notes = self.engine.notes
         self._curves: dict[tuple[str, str | None], dict[str, Curve]] = {}
         self._bundle_results: dict[str, PairResult] = {}
-        self.pairs: list[PairSpec] = self._select_pairs()
+        #: Every selected pair before ``--shard`` (the other shards judge the rest).
+        self.all_pairs: list[PairSpec] = self._select_pairs()
+        self.pairs: list[PairSpec] = self.all_pairs
+        if options.shard is not None:
+            from .sharding import shard_pairs
+
+            self.pairs = shard_pairs(
+                self.all_pairs, [p.base.key for p in self.all_pairs], options.shard
+            )
 
     # ------------------------------------------------------------------ set-up
     @classmethod
@@ -192,7 +200,25 @@ class DiffSession:
         """``pair``'s curve extension in its scope (``reasondiff.snapshots.curve_extension``)."""
         from .snapshots import curve_extension
 
-        return curve_extension(self.options, pair, selected=self.pairs, registry=self.registry)
+        return curve_extension(
+            self.options,
+            pair,
+            selected=self.pairs,
+            registry=self.registry,
+            other_shards=[p for p in self.all_pairs if p not in self.pairs],
+        )
+
+    def shard_note(self) -> str | None:
+        """What ``--shard`` selected (None without it); says so when the shard is empty."""
+        shard = self.options.shard
+        if shard is None:
+            return None
+        if not self.pairs:
+            return (
+                f"--shard {shard}: this shard holds none of the {len(self.all_pairs)} selected "
+                f"pairs ({shard.count} shards > {len(self.all_pairs)} pairs); nothing to run"
+            )
+        return f"--shard {shard}: {len(self.pairs)} of {len(self.all_pairs)} selected pairs"
 
     def record_verdict(self, verdict: Verdict) -> None:
         """Keep the latest verdict per (finding, subject) for the report and bundle."""
@@ -215,7 +241,8 @@ class DiffSession:
         if self.bundle is not None:
             if pid not in self._bundle_results:
                 raise ReasondiffError(
-                    f"pair {pid} is not in the results bundle {self.options.from_results}"
+                    f"pair {pid} is not in the results bundle "
+                    f"{' '.join(self.options.from_results or ())}"
                 )
             self.results[pid] = self._bundle_results[pid]
             return self.results[pid]

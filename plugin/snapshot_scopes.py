@@ -82,13 +82,15 @@ def curve_extension(
     *,
     selected: Iterable[PairSpec] = (),
     registry: Registry | None = None,
+    other_shards: Iterable[PairSpec] = (),
 ) -> type[CurveSnapshotExtension] | None:
     """The tolerant curve extension storing ``pair``'s snapshots in its scope (None: none).
 
     ``selected`` are the run's pairs and ``registry`` the loaded registry: the other
     registry pairs of ``pair``'s group that this run did not select (a partial bundle
     replay, say) keep their snapshots out of the run's judgement, while a file of a pair
-    the scope no longer has is an orphan.
+    the scope no longer has is an orphan. ``other_shards`` are the pairs that other
+    ``--shard`` jobs judge: like unselected registry pairs, their files are never seen.
     """
     scope = snapshot_scope(pair)
     if scope is None:
@@ -100,6 +102,7 @@ def curve_extension(
     if pair.label is None and registry is not None and pair.group in registry.groups:
         assert pair.group is not None
         known = {p.pair_id for p in registry.pairs(pair.group)}
+    known |= {p.pair_id for p in other_shards if snapshot_scope(p) == scope}
     chosen = {p.pair_id for p in selected if snapshot_scope(p) == scope} | {pair.pair_id}
     return scoped_curve_extension(
         root=root,

@@ -57,7 +57,7 @@ def test_bundle_pairs_get_the_registry_expectations_by_hub_id_or_key() -> None:
     )
     unknown = PairInfo("mine__theirs", "mine", "theirs", "/a", "/b", "RL", None)
     session = DiffSession.create(
-        DiffOptions(from_results="bundle"), bundle=_bundle(by_hub, by_key, unknown)
+        DiffOptions(from_results=("bundle",)), bundle=_bundle(by_hub, by_key, unknown)
     )
     ids = [p.pair_id for p in session.pairs]
     assert ids == ["r1-distill-qwen-7b__skywork-or1-7b", "toy-base__toy-massive", "mine__theirs"]
