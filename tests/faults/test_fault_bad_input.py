@@ -99,7 +99,7 @@ def test_a_replayed_bundle_keeps_the_bundles_device_and_dtype(
     assert (out / "results.json").is_file(), _text(result)[-3000:]
     config = json.loads((out / "results.json").read_text())["config"]
     assert (config["device"], config["dtype"]) == ("cuda", "bfloat16"), config
-    assert config["replayed_from"] == str(bundle)
+    assert config["replayed_from"] == [str(bundle)]
 
 
 def test_from_results_naming_a_file_is_a_usage_error(run_pytest: Any, tmp_path: Path) -> None:
