@@ -33,7 +33,9 @@ import math
 import os
 import re
 import struct
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,9 @@ _EMBED = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in)\.wei
 _LM_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$")
 _PREFIXES = ("base_model.model.", "model.", "transformer.")
 _NAN = float("nan")
+#: Tensor pairs scored at once. Reads (``preadv``) and the fused kernel release the GIL,
+#: so a second thread overlaps one pair's reads with the other's sums (2 cores: 1.6-1.9x).
+READER_THREADS = 2
 
 
 #: safetensors dtype names that are streamed with pread (others read through safe_open).
@@ -104,9 +109,13 @@ class _Tensor:
     def _pread(self, path: Path, limit: int, chunk: int) -> Iterator[torch.Tensor]:
         dtype = _ST_DTYPES[self.entry.dtype]
         size = torch.empty((), dtype=dtype).element_size()
-        raw = bytearray(min(chunk, limit) * size)
+        raw = _read_buffer(id(self.source), min(chunk, limit) * size)
         view = memoryview(raw)
-        buf = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        buf = (
+            torch.frombuffer(raw, dtype=dtype, count=len(raw) // size)
+            if raw
+            else torch.empty(0, dtype=dtype)
+        )
         with open(path, "rb", buffering=0) as fh:
             fd = fh.fileno()
             for i in range(0, limit, chunk):
@@ -116,6 +125,23 @@ class _Tensor:
                 if got != want:
                     raise ValueError(f"short read ({got} of {want} bytes at element {i})")
                 yield buf[:n]
+
+
+_BUFFERS = threading.local()
+
+
+def _read_buffer(key: int, nbytes: int) -> bytearray:
+    """This thread's read buffer for one checkpoint, at least ``nbytes`` long.
+
+    Reused across tensors: a fresh 2-8 MiB ``bytearray`` per tensor was zero-filled and
+    faulted in for nothing (0.56 s of 2.3 s on a 0.5B pair, profiled). One per (thread,
+    checkpoint), since a pair reads both checkpoints in step; freed with the thread.
+    """
+    buffers: dict[int, bytearray] = _BUFFERS.__dict__.setdefault("by_source", {})
+    raw = buffers.get(key)
+    if raw is None or len(raw) < nbytes:
+        raw = buffers[key] = bytearray(nbytes)
+    return raw
 
 
 def _data_offsets(f: Path) -> dict[str, int]:
@@ -275,13 +301,26 @@ def stream_weight_diff(
     a = _Source(Path(base_dir), name=base_name, allow_pickle=allow_pickle)
     b = _Source(Path(desc_dir), name=desc_name, allow_pickle=allow_pickle)
     jobs = _plan(a, b)
-    acc = WeightDiffAccumulator(DEFAULT_CHUNK_ELEMS)  # its buffers are reused for every pair
+    local = threading.local()  # one accumulator (reused work buffers) per reader thread
+
+    def run(job: _Job) -> WeightRecord:
+        if not hasattr(local, "acc"):
+            local.acc = WeightDiffAccumulator(DEFAULT_CHUNK_ELEMS)
+        return _run(job, a, b, local.acc)
+
     records = []
-    with _one_intra_op_thread():
-        for i, job in enumerate(jobs):
-            if progress is not None:
-                progress(f"weights {desc_name} vs {base_name}: {i + 1}/{len(jobs)} {job.tensor}")
-            records.append(_run(job, a, b, acc))
+    pool = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="reasondiff-weights")
+    try:
+        with _one_intra_op_thread():
+            # in job order; two tensor pairs in flight at most (one per reader thread)
+            for i, record in enumerate(pool.map(run, jobs)):
+                if progress is not None:
+                    progress(
+                        f"weights {desc_name} vs {base_name}: {i + 1}/{len(jobs)} {record.tensor}"
+                    )
+                records.append(record)
+    finally:  # on an error, the pairs not yet started are dropped, not scored for nothing
+        pool.shutdown(wait=True, cancel_futures=True)
     return records
 
 

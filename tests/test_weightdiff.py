@@ -208,30 +208,51 @@ def test_progress_reports_each_tensor(base: Path) -> None:
     assert lines[-1].startswith(f"weights desc vs base: {len(records)}/{len(records)} ")
 
 
-def test_at_most_one_pair_of_tensors_alive(
+def _alive_probe(
     base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Instrumented: each tensor read from a file is tracked by a weakref; when the next
-    read starts, at most one earlier tensor (the base half of the current pair) may be
-    alive. This measures tensors the function holds, not process memory."""
-    alive: set[int] = set()
+) -> tuple[list[int], int, dict[str, set[int]]]:
+    """Diff two shardings of ``base`` with each tensor read tracked by a weakref, per
+    checkpoint: (per read, how many earlier tensors of that checkpoint were alive;
+    records; what is still alive after). Tensors held, not process memory."""
+    alive: dict[str, set[int]] = {}
     peak: list[int] = []
     counter = iter(range(10**6))
     real_get = weightdiff._Source.get
 
     def tracked_get(self: weightdiff._Source, tensor: str) -> torch.Tensor:
-        peak.append(len(alive))
+        mine = alive.setdefault(self.name, set())
+        peak.append(len(mine))
         t = real_get(self, tensor)
         ident = next(counter)
-        alive.add(ident)
-        weakref.finalize(t, alive.discard, ident)
+        mine.add(ident)
+        weakref.finalize(t, mine.discard, ident)
         return t
 
     monkeypatch.setattr(weightdiff._Source, "get", tracked_get)
     records = _diff(shard_checkpoint(base, tmp_path / "a"), shard_checkpoint(base, tmp_path / "b"))
-    assert len(peak) == 2 * len(records)
-    assert max(peak) == 1
-    assert not alive
+    return peak, len(records), alive
+
+
+def test_at_most_two_tensors_of_a_checkpoint_alive(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a read starts, at most ``READER_THREADS - 1`` earlier tensors of that
+    checkpoint (the other reader's) are alive: never more than two open at once."""
+    peak, records, alive = _alive_probe(base, tmp_path, monkeypatch)
+    assert weightdiff.READER_THREADS == 2
+    assert len(peak) == 2 * records
+    assert max(peak) <= weightdiff.READER_THREADS - 1
+    assert not any(alive.values())
+
+
+def test_one_reader_thread_holds_one_tensor_per_checkpoint(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one reader, no earlier tensor of a checkpoint is alive at the next read."""
+    monkeypatch.setattr(weightdiff, "READER_THREADS", 1)
+    peak, records, _ = _alive_probe(base, tmp_path, monkeypatch)
+    assert len(peak) == 2 * records
+    assert max(peak) == 0
 
 
 def test_encoder_without_lm_head(tmp_path: Path) -> None:
@@ -291,9 +312,15 @@ def test_streamed_in_chunks_equals_whole_tensor_metric_and_maps_no_file(
     assert records["model.layers.0.up"].normalized_diff == pytest.approx(2.0)
 
 
-def test_overflowing_difference_is_named(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["fused kernel", "torch"])
+def test_overflowing_difference_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """Both forms square in float32, where (3e38 - (-3e38))^2 overflows: they say so."""
     from reasondiff.errors import MetricInputError
+    from reasondiff.metrics._weights_kernel import DISABLE_ENV
 
+    monkeypatch.setenv(DISABLE_ENV, "1" if form == "torch" else "0")
     big = torch.full((4, 4), 3e38)
     a = _write(tmp_path / "a", {"w": big})
     b = _write(tmp_path / "b", {"w": -big})

@@ -15,6 +15,12 @@ block level while running at float32 speed (a float64-accumulating ``torch.sum``
 the whole thing, and results do not depend on the chunk size: block boundaries do not
 move. :class:`WeightDiffAccumulator` is the streaming form (chunks read from a file).
 
+With numba installed (extra ``fast``), bf16 / float32 / float64 chunks on the CPU go
+through a fused single-pass kernel instead (:mod:`._weights_kernel`): the same blocks,
+each block's sums accumulated in float64 (more accurate than the float32 block sums
+above; the two forms agree to ~1e-8 relative), about 5x faster per element and free of
+the GIL. ``REASONDIFF_NO_NUMBA=1`` forces the torch form.
+
 Behaviour (tested):
 - identical tensors give 0.0 for all three; normalized and mean_abs are symmetric in
   (A, B); normalized is invariant to scaling both by the same c != 0;
@@ -35,13 +41,19 @@ import torch
 
 from ..errors import MetricInputError
 from ._validate import shape_str, to_tensor
+from ._weights_kernel import as_numpy, kernel_for
 
 Tensor = torch.Tensor
 #: Elements per float32 reduction block; partial sums of blocks are added in float64.
 REDUCE_BLOCK = 1 << 13
-#: Elements per conversion chunk (256 KiB of float32 per row of the work buffer): large
-#: enough to amortize Python overhead, small enough to stay in cache (fastest measured).
-DEFAULT_CHUNK_ELEMS = 1 << 16
+#: Elements per piece of the torch form (256 KiB of float32 per row of the work buffer):
+#: large enough to amortize Python overhead, small enough to stay in cache (fastest
+#: measured for that form).
+TORCH_CHUNK_ELEMS = 1 << 16
+#: Elements per chunk read and added at once (2 MiB of bf16 per side): the fused kernel
+#: streams it in one call, so larger chunks only cut per-call overhead (measured: 1.6x
+#: fewer seconds than 2^16 on a 0.5B pair); the torch form cuts it into cache-sized pieces.
+DEFAULT_CHUNK_ELEMS = 1 << 20
 
 
 def _flat(t: Tensor, name: str) -> Tensor:
@@ -97,9 +109,11 @@ class WeightDiffAccumulator:
         self.chunk_elems = check_chunk_elems(chunk_elems)
         self.numel = 0
         self._ended = False
-        self._work = torch.empty(3, self.chunk_elems, dtype=torch.float32, device=device)
-        self._squares = torch.empty_like(self._work)
-        self._parts: list[Tensor] = []  # float32 (blocks, 4): ||a||^2, ||b||^2, ||d||^2, sum|d|
+        self._device = device
+        self._work: Tensor | None = None  # torch form only, made on first use
+        self._squares: Tensor | None = None
+        # float64 (blocks, 4) per chunk: ||a||^2, ||b||^2, ||d||^2, sum|d| of each block
+        self._parts: list[Tensor] = []
 
     def reset(self) -> None:
         """Start a new tensor pair (the work buffers are kept)."""
@@ -118,6 +132,29 @@ class WeightDiffAccumulator:
         if m == 0:
             return
         self._ended = m % REDUCE_BLOCK != 0
+        kernel = (
+            kernel_for(a.dtype, REDUCE_BLOCK)
+            if a.dtype == b.dtype and a.device.type == "cpu" and b.device.type == "cpu"
+            else None
+        )
+        if kernel is not None:  # one fused pass at memory speed (numba, extra "fast")
+            part64 = np.empty((-(-m // REDUCE_BLOCK), 4), dtype=np.float64)
+            kernel(as_numpy(a.contiguous()), as_numpy(b.contiguous()), part64)
+            self._parts.append(torch.from_numpy(part64))
+        else:  # cache-sized pieces: whole blocks, so the block offsets do not move
+            for i in range(0, m, TORCH_CHUNK_ELEMS):
+                self._parts.append(
+                    self._torch_part(a[i : i + TORCH_CHUNK_ELEMS], b[i : i + TORCH_CHUNK_ELEMS])
+                )
+        self.numel += m
+
+    def _torch_part(self, a: Tensor, b: Tensor) -> Tensor:
+        """The block sums of one piece in torch ops (float32 blocks, float64 out)."""
+        m = a.numel()
+        if self._work is None or self._squares is None:
+            size = min(self.chunk_elems, TORCH_CHUNK_ELEMS)
+            self._work = torch.empty(3, size, dtype=torch.float32, device=self._device or a.device)
+            self._squares = torch.empty_like(self._work)
         work, squares = self._work[:, :m], self._squares[:, :m]
         work[0].copy_(a)
         work[1].copy_(b)
@@ -134,14 +171,13 @@ class WeightDiffAccumulator:
             n = full * REDUCE_BLOCK
             part[full, :3] = squares[:, n:].sum(1)
             part[full, 3] = work[2, n:].abs_().sum()
-        self._parts.append(part)
-        self.numel += m
+        return part.to(torch.float64)
 
     def sums(self) -> tuple[float, float, float, float]:
         """(||a||^2, ||b||^2, ||d||^2, sum |d|): block partials added in float64."""
         if not self._parts:
             return 0.0, 0.0, 0.0, 0.0
-        total = torch.cat(self._parts).to(torch.float64).sum(0).cpu()
+        total = torch.cat([p.cpu() for p in self._parts]).sum(0)
         sq_a, sq_b, sq_d, abs_d = (float(v) for v in total)
         return sq_a, sq_b, sq_d, abs_d
 

@@ -152,3 +152,50 @@ def test_accumulator_rejects_a_partial_chunk_before_the_end() -> None:
     acc.reset()
     acc.add(x, 2 * x)
     assert acc.result() == pytest.approx((2 / 3, 1.0, 1.0), rel=1e-12)
+
+
+# ------------------------------------------------------------------ the fused kernel
+def _kernel_or_skip(dtype: torch.dtype) -> None:
+    from reasondiff.metrics._weights_kernel import kernel_for
+    from reasondiff.metrics.weights import REDUCE_BLOCK
+
+    if kernel_for(dtype, REDUCE_BLOCK) is None:
+        pytest.skip("numba is not installed (extra 'fast'): only the torch form runs")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [3 * 8192 + 5, 2 * 8192 + 1, 1, 2])  # odd tails, one block
+def test_fused_kernel_equals_the_torch_form_and_the_float64_reference(
+    dtype: torch.dtype, n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reasondiff.metrics._weights_kernel import DISABLE_ENV
+
+    _kernel_or_skip(dtype)
+    a = weights(21, (n,)).to(dtype)
+    b = (a.double() + weights(22, (n,)).double() * 0.05).to(dtype)  # a small change
+    fused = weight_diff_metrics(a, b)
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    torch_form = weight_diff_metrics(a, b)
+    assert fused == pytest.approx(torch_form, rel=1e-6)
+    assert fused == pytest.approx(reference(a, b), rel=1e-6)
+    assert fused != torch_form or n <= 2  # the two forms really are different code
+
+
+def test_fused_kernel_takes_unaligned_bf16_chunks() -> None:
+    """A bf16 view starting one element in is not 4-byte aligned: the one-value loop."""
+    _kernel_or_skip(torch.bfloat16)
+    raw_a, raw_b = weights(23, (4097,)).bfloat16(), weights(24, (4097,)).bfloat16()
+    a, b = raw_a[1:], raw_b[1:]
+    assert weight_diff_metrics(a, b) == pytest.approx(reference(a, b), rel=1e-6)
+
+
+def test_fused_kernel_lets_a_nan_reach_the_sums() -> None:
+    """No fast-math 'nnan': a NaN weight is found and named, not summed away."""
+    from reasondiff.errors import MetricInputError
+
+    _kernel_or_skip(torch.bfloat16)
+    a = weights(25, (3 * 8192,)).bfloat16()
+    b = a.clone()
+    b[9000] = float("nan")
+    with pytest.raises(MetricInputError, match=r"b \(shape \(24576,\)\) has 1 non-finite"):
+        weight_diff_metrics(a, b)
