@@ -33,6 +33,9 @@ MAX_TOKENS = 4096
 DOMINANT_K = 10
 #: bootstrap resamples (curve intervals over traces, medians over matrices)
 BOOTSTRAP = 1000
+#: massive activations (Sun et al.): |a| above this and above MASSIVE_RATIO x median |a|
+MASSIVE_THRESHOLD = 100.0
+MASSIVE_RATIO = 1000.0
 #: RBF bandwidth median convention: "offdiag" (ours) or "all" (the reference's)
 RBF_MEDIAN: Final = "offdiag"
 RBF_MEDIANS = ("offdiag", "all")

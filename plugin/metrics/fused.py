@@ -150,6 +150,7 @@ def _first_pass(
     zero = torch.zeros((), dtype=_F64, device=dev)
     t_xy, s_xy, s_xx, s_yy = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     below, inside = 0, list[Tensor]()
+    bracketed = math.isfinite(lo) or math.isfinite(hi)
     kc = torch.empty(rows, n, dtype=_F64, device=dev)
     lc = torch.empty(rows, n, dtype=_F64, device=dev)
     for a in range(0, n, rows):
@@ -164,7 +165,8 @@ def _first_pass(
         db = d2[a:b]  # (r_i + r_j) - 2 g_ij, clamped, zero diagonal
         torch.add(r[a:b, None], r[None, :], out=db).sub_(lb, alpha=2.0).clamp_min_(0.0)
         db.diagonal(a).fill_(0.0)
-        below, inside = _count(db, a, lo, hi, below, inside)
+        if bracketed:  # else every pair is selected from d2 itself, after the pass
+            below, inside = _count(db, a, lo, hi, below, inside)
     ablated = _Terms(
         m, s_xy, s_xx, s_yy, -cx.diag[keep], -cy.diag[keep], cx.diag[keep], cy.diag[keep]
     )
@@ -187,9 +189,11 @@ def _bracketed_median(first: _FirstPass, d2: Tensor, n: int, median: str) -> flo
     """The median squared pair distance (exact): from the bracket, else from all of d2."""
     ranks = _median_ranks(n, median)
     pair = [q for q in ranks if q >= 0]  # -1: one of the "all" convention's diagonal zeros
-    vals = torch.cat(first.inside)
+    vals = torch.cat(first.inside) if first.inside else d2.new_empty(0)
     if not pair:
         got: dict[int, float] = {}
+    elif not first.inside:  # no bracket (few pairs): select over all of them at once
+        got = dict(zip(pair, _select(upper_values(d2), pair), strict=True))
     elif first.below <= pair[0] and first.below + vals.numel() > pair[-1]:
         got = dict(zip(pair, _select(vals, [q - first.below for q in pair]), strict=True))
     else:  # the sample missed: select over every pair (exact, slower, rare)

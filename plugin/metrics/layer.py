@@ -28,8 +28,8 @@ from typing import Any, Literal
 import torch
 
 from ..records import CKA_METRICS, DIAGNOSTIC_METRICS
-from ._validate import Matrix
-from .defaults import RBF_MEDIAN
+from ._validate import Matrix, as_matrix
+from .defaults import MASSIVE_RATIO, MASSIVE_THRESHOLD, RBF_MEDIAN
 from .dominant import (
     _top,
     dominant_datapoints,
@@ -37,7 +37,7 @@ from .dominant import (
     top_norm_overlap,
 )
 from .fused import score_fused
-from .massive import MassiveActivations, massive_activations
+from .massive import MassiveActivations, massive_of_checked
 from .pca import carried_share_of, pc1_carried_share, pc1_projection, pc1_share
 from .prepared import CkaStats, _checked_drop, linear_cka_and_ablated, rbf_cka_prepared
 
@@ -71,10 +71,13 @@ def prepare_side(x: Matrix, *, name: str, k: int, form: Form = "auto") -> Prepar
     in that dtype (|a| is exact there), the CKA statistics in float64 on the same device.
     """
     use_gram = form in ("auto", "gram") and int(x.shape[0]) <= GRAM_ROWS_MAX
-    stats = CkaStats.from_matrix(x, name=name, form="gram" if use_gram else "auto")
+    xt = as_matrix(x, name, dtype=None)  # validated once for every statistic below
+    stats = CkaStats.from_matrix(
+        xt.to(torch.float64), name=name, form="gram" if use_gram else "auto", checked=True
+    )
     return PreparedSide(
         stats=stats,
-        massive=massive_activations(x),
+        massive=massive_of_checked(xt, MASSIVE_THRESHOLD, MASSIVE_RATIO),
         pc1_share=pc1_share(stats),
         top_norm_overlap=top_norm_overlap(stats, k=k),
         proj_norm_corr=projection_norm_correlation(stats),

@@ -103,11 +103,16 @@ class CkaStats:
         name: str = "x",
         form: Form = "auto",
         max_gram_rows: int = 8192,
+        checked: bool = False,
     ) -> CkaStats:
-        """Validate x (N >= 4, finite, not constant) and compute its statistics."""
+        """Validate x (N >= 4, finite, not constant) and compute its statistics.
+
+        ``checked``: x is a float64 tensor the caller has validated with ``as_matrix``.
+        """
         if isinstance(x, CkaStats):
             return x
-        return cls(as_matrix(x, name), name=name, form=form, max_gram_rows=max_gram_rows)
+        xt = x if checked and isinstance(x, Tensor) else as_matrix(x, name)
+        return cls(xt, name=name, form=form, max_gram_rows=max_gram_rows)
 
     @property
     def n(self) -> int:
