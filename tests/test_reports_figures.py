@@ -174,6 +174,12 @@ def test_index_links_figures_and_tabulates_findings(
     assert "reasondiff cache: activations 12 computed, 0 loaded" in text
     table_rows = [ln for ln in text.splitlines() if ln.startswith("| `")]
     assert len(table_rows) == N_TOY + 1  # 7 pairs + the group verdict row
+    assert (
+        f"- {md_code('toy-base__toy-massive')} dominant in dip (layers 3-6): "
+        "'\\<\\|bos\\|\\>' 4/4 traces (position 0)" in text
+    )
+    copy_lines = [ln for ln in text.splitlines() if ln.startswith("- `toy-base__toy-copy`")]
+    assert len(copy_lines) == 2 and not any("in dip" in ln for ln in copy_lines)
 
 
 def test_markdown_escaping() -> None:
