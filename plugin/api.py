@@ -9,6 +9,7 @@ and curves, the group finding, pandas frames, the terminal report and the bundle
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
@@ -52,7 +53,7 @@ WEIGHT_COLUMNS = (
     "note",
 )
 CKA_COLUMNS = ("base", "descendant", "trace", "layer", "metric", "value")
-MASSIVE_COLUMNS = ("model", "trace", "layer", "positions", "max_abs")
+MASSIVE_COLUMNS = ("model", "trace", "layer", "positions", "max_abs", "token_ids", "tokens")
 DOMINANT_COLUMNS = (
     "base",
     "descendant",
@@ -468,9 +469,12 @@ class Comparison(Sequence[PairResult]):
     def frames(self) -> dict[str, Any]:
         """pandas DataFrames ``weights``, ``cka``, ``massive``, ``dominant``, ``verdicts``.
 
-        Columns are the bundle's (``weights.csv`` ...), one row per row it writes.
-        ``dominant`` is empty until dominant tokens are recorded. Needs the optional
-        extra ``frames`` (``pip install 'reasondiff[frames]'``).
+        Columns are the bundle's (``weights.csv`` ...), one row per row it writes:
+        ``dominant`` holds each side's top-k dominant datapoints per (pair, trace, layer)
+        with token id, text and |PC1 projection| (``dominant.csv``); ``massive``'s list
+        cells are written as in massive.csv (``positions`` and ``token_ids`` as
+        ``"0;17"``, ``tokens`` as a JSON list). Needs the optional extra ``frames``
+        (``pip install 'reasondiff[frames]'``).
         """
         import importlib
 
@@ -504,10 +508,31 @@ class Comparison(Sequence[PairResult]):
         massive: dict[tuple[Any, ...], None] = {}
         for r in ok:
             for m in r.massive:  # per model: a shared base is one row, as in massive.csv
-                massive.setdefault(
-                    (m.model, m.trace, m.layer, ";".join(str(p) for p in m.positions), m.max_abs),
-                    None,
+                row = (
+                    m.model,
+                    m.trace,
+                    m.layer,
+                    ";".join(str(p) for p in m.positions),
+                    m.max_abs,
+                    ";".join(str(i) for i in m.token_ids),
+                    json.dumps(list(m.tokens), ensure_ascii=False) if m.tokens else "",
                 )
+                massive.setdefault(row, None)
+        dominant = [
+            (
+                d.base,
+                d.descendant,
+                d.trace,
+                d.layer,
+                d.model,
+                d.position,
+                d.token_id,
+                d.token,
+                d.projection,
+            )
+            for r in ok
+            for d in r.dominant
+        ]
         verdicts = [
             (v.finding, v.subject, v.status, v.observed, v.expected, v.summary, v.details)
             for v in self.verdicts()
@@ -516,7 +541,7 @@ class Comparison(Sequence[PairResult]):
             "weights": pd.DataFrame(weights, columns=list(WEIGHT_COLUMNS)),
             "cka": pd.DataFrame(cka, columns=list(CKA_COLUMNS)),
             "massive": pd.DataFrame(list(massive), columns=list(MASSIVE_COLUMNS)),
-            "dominant": pd.DataFrame([], columns=list(DOMINANT_COLUMNS)),
+            "dominant": pd.DataFrame(dominant, columns=list(DOMINANT_COLUMNS)),
             "verdicts": pd.DataFrame(verdicts, columns=list(VERDICT_COLUMNS)),
         }
 

@@ -38,7 +38,12 @@ def _rows(res: PairResult) -> dict[str, list[Any]]:
     def canon(rows: Sequence[Any]) -> list[str]:
         return sorted(repr(r) for r in rows)
 
-    return {"weights": canon(res.weights), "cka": canon(res.cka), "massive": canon(res.massive)}
+    return {
+        "weights": canon(res.weights),
+        "cka": canon(res.cka),
+        "massive": canon(res.massive),
+        "dominant": canon(res.dominant),
+    }
 
 
 def _differences(a: PairResult, b: PairResult) -> list[str]:

@@ -11,7 +11,9 @@ weight diff uses), other columns may be absent or empty (numbers become NaN; a m
 pairs are the (base, descendant) names of the rows, with the names as sources, so that a
 hub id matches the registry. A missing layer count is inferred from the rows. Rows are
 matched to pairs by the (base, descendant) names of ``results.json``; massive rows are
-per model, so each pair gets the rows of its base and its descendant.
+per model, so each pair gets the rows of its base and its descendant. ``dominant.csv``
+(dominant datapoints with their tokens) and the token columns of ``massive.csv`` are
+optional: bundles written before them replay with those left empty.
 
 Integrity (issue 15.2): when ``results.json`` records ``files`` (row count and sha256
 per CSV), a CSV that differs is refused, naming the file and the expected and found
@@ -37,7 +39,8 @@ from typing import Any, TypeVar
 
 from .bundle_writer import (
     _CKA_COLUMNS,
-    _MASSIVE_COLUMNS,
+    _DOMINANT_REQUIRED,
+    _MASSIVE_REQUIRED,
     _WEIGHT_REQUIRED,
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
@@ -48,6 +51,7 @@ from .bundle_writer import (
 from .errors import BundleError, RegistryError
 from .records import (
     CkaRecord,
+    DominantRecord,
     MassiveRecord,
     PairInfo,
     PairResult,
@@ -120,7 +124,7 @@ def _read_csv_with_header(path: Path, columns: Iterable[str]) -> tuple[list[_Row
     except FileNotFoundError:
         raise BundleError(
             f"{path}: missing from the bundle; a bundle needs weights.csv (cka.csv, "
-            f"massive.csv and results.json are optional); see bundle_schema()"
+            f"massive.csv, dominant.csv and results.json are optional); see bundle_schema()"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: cannot read: {exc}") from exc
@@ -286,6 +290,31 @@ def _weight_record(row: _Row, block_col: str | None) -> WeightRecord:
     )
 
 
+def _massive_tokens(row: _Row, n: int) -> dict[str, Any]:
+    """The optional token columns of a massive.csv row (absent or empty: not named).
+
+    When given, each must name one token per position; ``tokens`` is a JSON list.
+    """
+    out: dict[str, Any] = {}
+    if row.optional("token_ids").strip():
+        ids = row.get_ints("token_ids", ";")
+        if len(ids) != n:
+            raise row.error(f"column 'token_ids': {len(ids)} ids for {n} positions")
+        out["token_ids"] = ids
+    raw = row.optional("tokens").strip()
+    if raw:
+        try:
+            texts = json.loads(raw)
+        except ValueError:
+            texts = None
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise row.error(f"column 'tokens': {raw!r} is not a JSON list of strings")
+        if len(texts) != n:
+            raise row.error(f"column 'tokens': {len(texts)} tokens for {n} positions")
+        out["tokens"] = tuple(texts)
+    return out
+
+
 def _trace_sets(res: PairResult) -> list[str]:
     """Trace-set names of the pair's CKA rows (``<set>:<id>``), in first-seen order."""
     return trace_sets_of(c.trace for c in res.cka)
@@ -396,23 +425,48 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
             res.trace_sets = _trace_sets(res)
     if (root / "massive.csv").exists():
         models = {m for key in by_pair for m in key}
-        for row in _read_csv(root / "massive.csv", _MASSIVE_COLUMNS):
+        for row in _read_csv(root / "massive.csv", _MASSIVE_REQUIRED):
             model = row.text("model")
             if model not in models:
                 raise row.error(
                     f"model {model!r} is neither base nor descendant of a pair in the bundle "
                     f"(known models: {', '.join(sorted(models)) or 'none'})"
                 )
+            positions = row.get_ints("positions", ";")
             rec = MassiveRecord(
                 model=model,
                 trace=row.text("trace"),
                 layer=row.get_int("layer"),
-                positions=row.get_ints("positions", ";"),
+                positions=positions,
                 max_abs=row.get_float("max_abs"),
+                **_massive_tokens(row, len(positions)),
             )
             for (base, desc), res in by_pair.items():
                 if model in (base, desc):
                     res.massive.append(rec)
+
+    if (root / "dominant.csv").exists():
+        for row in _read_csv(root / "dominant.csv", _DOMINANT_REQUIRED):
+            res = pair_of(row)
+            model = row.text("model")
+            if model not in (res.info.base, res.info.descendant):
+                raise row.error(
+                    f"model {model!r} is neither base {res.info.base!r} nor descendant "
+                    f"{res.info.descendant!r} of the row's pair"
+                )
+            res.dominant.append(
+                DominantRecord(
+                    base=row.text("base"),
+                    descendant=row.text("descendant"),
+                    trace=row.text("trace"),
+                    layer=row.get_int("layer"),
+                    model=model,
+                    position=row.get_int("position"),
+                    token_id=row.get_int("token_id") if row.optional("token_id").strip() else -1,
+                    token=row.optional("token"),
+                    projection=row.get_float("projection"),
+                )
+            )
 
     doc = doc or {}
     verdicts = [

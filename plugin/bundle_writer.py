@@ -6,7 +6,11 @@ or that someone else produced:
 
 - ``weights.csv``  one row per weight tensor (:class:`~reasondiff.records.WeightRecord`)
 - ``cka.csv``      one row per (pair, trace, layer, metric) (:class:`~reasondiff.records.CkaRecord`)
-- ``massive.csv``  massive-activation positions per (model, trace, layer)
+- ``massive.csv``  massive-activation positions per (model, trace, layer), with the token
+  id and text at each position
+- ``dominant.csv`` per (pair, trace, layer) the top-k dominant datapoints of each side:
+  position, token id, token text (decoded on its own with the base's tokenizer) and
+  |PC1 projection| (:class:`~reasondiff.records.DominantRecord`)
 - ``results.json`` the pairs (:class:`~reasondiff.records.PairInfo`, trace sets, notes),
   the verdicts with expectation and status, the run's config and package versions, and
   ``files``: each CSV's row count and sha256, so that a replay names a file that was
@@ -21,7 +25,8 @@ index); they are still read.
 :func:`bundle_schema` documents every column (and the import format the reader
 tolerates). Floats are written with ``repr`` so that reading gives back exactly the
 same float (NaN stays ``nan``); shapes are written as ``64x128`` (``""`` for a
-scalar); massive positions as ``0;17`` (``""`` for none). Each file is written
+scalar); massive positions and their token ids as ``0;17`` (``""`` for none), their
+token texts as a JSON list (a token may hold ``;``, quotes or a newline). Each file is written
 atomically (temp file + ``os.replace``), so a crash never leaves a half-written file
 under the real name.
 
@@ -90,7 +95,24 @@ _MASSIVE_COLUMNS: dict[str, str] = {
     "layer": "hidden-state index (as in cka.csv)",
     "positions": "token positions carrying massive activations, ';'-separated",
     "max_abs": "largest |activation| in the layer",
+    "token_ids": "token id at each position, ';'-separated (optional; -1 = not named)",
+    "tokens": "token text at each position, a JSON list of strings, decoded with the base's tokenizer (optional)",
 }
+#: The columns an imported massive.csv must have (the token columns came later).
+_MASSIVE_REQUIRED = ("model", "trace", "layer", "positions", "max_abs")
+_DOMINANT_COLUMNS: dict[str, str] = {
+    "base": "base model key or label",
+    "descendant": "descendant model key or label",
+    "trace": "<trace set>:<trace id>",
+    "layer": "hidden-state index (as in cka.csv)",
+    "model": "the side: the pair's base or descendant",
+    "position": "token position in the trace (0-based)",
+    "token_id": "token id at that position (-1 = not named)",
+    "token": "the id decoded on its own with the base's tokenizer (special tokens kept)",
+    "projection": "|projection on PC1| of the token's centred hidden state (METHODS §5)",
+}
+#: The columns a dominant.csv must have; token_id and token may be absent or empty.
+_DOMINANT_REQUIRED = ("base", "descendant", "trace", "layer", "model", "position", "projection")
 
 
 #: The columns an imported weights.csv must have; the others may be absent or empty.
@@ -109,7 +131,16 @@ def bundle_schema() -> dict[str, Any]:
                 "required_columns": list(_WEIGHT_REQUIRED),
             },
             "cka.csv": {"required": False, "columns": dict(_CKA_COLUMNS)},
-            "massive.csv": {"required": False, "columns": dict(_MASSIVE_COLUMNS)},
+            "massive.csv": {
+                "required": False,
+                "columns": dict(_MASSIVE_COLUMNS),
+                "required_columns": list(_MASSIVE_REQUIRED),
+            },
+            "dominant.csv": {
+                "required": False,
+                "columns": dict(_DOMINANT_COLUMNS),
+                "required_columns": list(_DOMINANT_REQUIRED),
+            },
             "results.json": {
                 "required": False,
                 "keys": {
@@ -201,7 +232,8 @@ def write_bundle(
     config: dict[str, Any],
     versions: dict[str, str] | None = None,
 ) -> None:
-    """Write ``weights.csv``, ``cka.csv``, ``massive.csv`` and ``results.json`` to ``out_dir``.
+    """Write ``weights.csv``, ``cka.csv``, ``massive.csv``, ``dominant.csv`` and
+    ``results.json`` to ``out_dir``.
 
     ``versions`` entries override the collected ones (python, reasondiff, torch,
     transformers, ...). Massive rows are per model: a base shared by several pairs is
@@ -248,8 +280,25 @@ def write_bundle(
                 m.layer,
                 ";".join(str(p) for p in m.positions),
                 _fmt_float(m.max_abs),
+                ";".join(str(i) for i in m.token_ids),
+                json.dumps(list(m.tokens), ensure_ascii=False) if m.tokens else "",
             )
             massive_rows.setdefault(row, None)
+    dominant_rows = [
+        (
+            r.base,
+            r.descendant,
+            r.trace,
+            r.layer,
+            r.model,
+            r.position,
+            r.token_id,
+            r.token,
+            _fmt_float(r.projection),
+        )
+        for res in results
+        for r in res.dominant
+    ]
 
     doc: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
@@ -266,6 +315,7 @@ def write_bundle(
         "weights.csv": _csv_text(_WEIGHT_COLUMNS, weight_rows),
         "cka.csv": _csv_text(_CKA_COLUMNS, cka_rows),
         "massive.csv": _csv_text(_MASSIVE_COLUMNS, massive_rows),
+        "dominant.csv": _csv_text(_DOMINANT_COLUMNS, dominant_rows),
     }
     for name, csv_text in texts.items():
         atomic_write_text(out / name, csv_text)
@@ -275,7 +325,7 @@ def write_bundle(
 
 
 #: The CSV files of a bundle, in the order they are written and checked.
-CSV_FILES = ("weights.csv", "cka.csv", "massive.csv")
+CSV_FILES = ("weights.csv", "cka.csv", "massive.csv", "dominant.csv")
 
 
 def count_rows(data: bytes) -> int:

@@ -46,6 +46,7 @@ from .registry import ModelSpec, PairSpec, slug
 from .runlog import RunLog
 from .scheduler import Scheduler
 from .scoring import Job, PassOutcome, ScoringPass
+from .tokens import TokenNamer
 from .traces import generator_note
 
 #: Builds a pass's hidden-state source from the engine's config, model pool and log
@@ -101,6 +102,7 @@ class Engine:
         self._results: dict[str, PairResult] = {}
         self._failures: dict[str, Exception] = {}
         self._weights_cache: Any = None
+        self._namers: dict[tuple[str, str], tuple[TokenNamer, str | None]] = {}
 
     # ------------------------------------------------------------------ public
     def pair_result(self, pair: PairSpec, siblings: Sequence[PairSpec] = ()) -> PairResult:
@@ -211,15 +213,64 @@ class Engine:
                 layers,
                 partial(self._run_pass, pair, src, layers, num_layers),
             )
+            namer = self._token_namer(pair, src, result.notes)
             for tid in manifest["traces"]:
+                name = namer.for_trace(tid)
                 for lay in layers:
-                    rows_from_entry(entries[tid][lay], pair, f"{src.name}:{tid}", lay, result)
+                    rows_from_entry(entries[tid][lay], pair, f"{src.name}:{tid}", lay, result, name)
             for note in manifest["notes"]:
                 msg = f"{pair.pair_id} [{src.name}]: {note}"
                 if msg not in result.notes:
                     result.notes.append(msg)
         self.pool.keep_only(pair.base.key)
         return result
+
+    def _token_namer(self, pair: PairSpec, src: TraceSource, notes: list[str]) -> TokenNamer:
+        """Names the tokens at the positions the cache entries give (issue 18.3).
+
+        The ids are those the pair was scored on: the set's stored ids, checked against
+        the base's tokenizer (re-tokenized only where the pass re-tokenized them), cut at
+        ``max_tokens``; the descendant only ever sees the same ids. Each id is decoded on
+        its own with the base's tokenizer. One namer per (base, trace set): a warm run
+        loads a tokenizer and no model. If the tokens cannot be read, the rows are kept
+        unnamed (id -1) with a note.
+        """
+        key = (pair.base.key, src.name)
+        if key not in self._namers:
+            self._namers[key] = self._read_tokens(pair, src)
+        namer, problem = self._namers[key]
+        if problem is not None:
+            notes.append(
+                f"{pair.pair_id} [{src.name}]: dominant and massive tokens not named: {problem}"
+            )
+        return namer
+
+    def _read_tokens(self, pair: PairSpec, src: TraceSource) -> tuple[TokenNamer, str | None]:
+        """The namer of :meth:`_token_namer`, or an unnamed one and the reason."""
+        from .traces import token_ids_for_pair, truncate
+
+        try:
+            with self.stage("tokenize"):
+                tok = self.pool.tokenizer(self._resolve(pair.base))
+                if tok is None:
+                    raise ReasondiffError(f"{pair.base.key} ships no tokenizer")
+                ids, _ = token_ids_for_pair(
+                    src.trace_set,
+                    tok,
+                    None,  # the descendant sees the same ids; its check was the pass's
+                    base_name=pair.base.key,
+                    desc_name=pair.descendant.key,
+                    vocab_size_base=None,
+                    vocab_size_desc=None,
+                )
+                ids, _ = truncate(ids, self.config.max_tokens)
+        except Exception as exc:  # rows stay usable; the notes say why tokens are unnamed
+            return TokenNamer.unnamed(), str(exc)
+
+        def decode(token_ids: list[int]) -> str:
+            return str(tok.decode(token_ids, skip_special_tokens=False))
+
+        return TokenNamer({t.id: t.token_ids for t in ids.traces}, decode), None
 
     def _layers(self, num_layers: int, model: str) -> list[int]:
         wanted = self.config.layers

@@ -8,13 +8,13 @@ entries and the records a :class:`~reasondiff.records.PairResult` holds. No torc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .metrics.defaults import RBF_MEDIAN
-from .records import CkaRecord, MassiveRecord, PairResult
+from .records import CkaRecord, DominantRecord, MassiveRecord, PairResult
 from .registry import PairSpec
 from .runlog import RunLog
 
@@ -95,16 +95,42 @@ def peek(cache: Any, key: str) -> Any:
 
 
 def rows_from_entry(
-    entry: dict[str, Any], pair: PairSpec, trace: str, layer: int, result: PairResult
+    entry: dict[str, Any],
+    pair: PairSpec,
+    trace: str,
+    layer: int,
+    result: PairResult,
+    name: Callable[[int], tuple[int, str]] | None = None,
 ) -> None:
+    """Append one (trace, layer) entry's rows to ``result``.
+
+    ``name(position) -> (token id, text)`` names the tokens of this trace (a
+    :meth:`reasondiff.tokens.TokenNamer.for_trace`); without it massive rows carry
+    positions only and no dominant rows are made. Entries without ``"dominant"``
+    (written before it existed) give no dominant rows.
+    """
+    from .tokens import massive_tokens
+
     b, d = pair.base.key, pair.descendant.key
     for metric, value in entry["metrics"].items():
         result.cka.append(CkaRecord(b, d, trace, layer, metric, float(value)))
     for side, model in (("base", b), ("descendant", d)):
         positions, max_abs = entry["massive"][side]
+        pos = tuple(int(p) for p in positions)
         result.massive.append(
-            MassiveRecord(model, trace, layer, tuple(int(p) for p in positions), float(max_abs))
+            MassiveRecord(model, trace, layer, pos, float(max_abs), **massive_tokens(pos, name))
         )
+    dominant = entry.get("dominant")
+    if name is None or not isinstance(dominant, dict):
+        return
+    for side, model in (("base", b), ("descendant", d)):
+        for position, projection in dominant.get(side, []):
+            tid, text = name(int(position))
+            result.dominant.append(
+                DominantRecord(
+                    b, d, trace, layer, model, int(position), tid, text, float(projection)
+                )
+            )
 
 
 def rbf_median_key(convention: str) -> dict[str, str]:

@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # a runtime import would cycle: tokens builds on these records
+    from .tokens import PairTokens
 
 #: CKA-like per-layer metrics written to cka.csv. Layer l in 0..L indexes
 #: ``hidden_states`` (l = L is after the final norm); ``*_prenorm`` metrics exist only
@@ -190,13 +193,21 @@ class CkaRecord:
 
 @dataclass(frozen=True)
 class MassiveRecord:
-    """Positions carrying massive activations (Sun et al.) in one model, trace, layer."""
+    """Positions carrying massive activations (Sun et al.) in one model, trace, layer.
+
+    ``token_ids`` / ``tokens`` name the token at each position (same order; the text is
+    the id decoded on its own with the pair's base tokenizer). They default to empty so
+    that rows made without them (older bundles, imports, older code) still build: empty
+    means "not named", never "no tokens".
+    """
 
     model: str
     trace: str
     layer: int
     positions: tuple[int, ...]
     max_abs: float
+    token_ids: tuple[int, ...] = ()
+    tokens: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -328,6 +339,9 @@ class ReportData:
     weight_summary: dict[str, dict[str, float]] = field(
         default_factory=dict
     )  # mean_diff, localization
+    #: pair id -> the tokens behind its dominant datapoints (``reasondiff.tokens.PairTokens``),
+    #: for pairs that recorded them; the terminal line and the tokens x layers figure.
+    tokens: dict[str, PairTokens] = field(default_factory=dict)
     cache: CacheStats = field(default_factory=CacheStats)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -348,6 +362,9 @@ class PairResult:
     massive: list[MassiveRecord] = field(default_factory=list)
     trace_sets: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: Per (trace, layer) the top-k dominant datapoints of each side with their tokens
+    #: (dominant.csv); empty for bundles and caches that did not record them.
+    dominant: list[DominantRecord] = field(default_factory=list)
     #: Filled by :func:`reasondiff.compare` (not by the pytest session, not in bundles):
     #: finding name -> Verdict, metric -> Curve of the primary trace set, and the reason
     #: when this descendant failed (then the rows are empty).

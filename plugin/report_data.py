@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from .errors import ReasondiffError
 from .findings import CurveSource
 from .records import CacheStats, Curve, PairResult, ReportData, Verdict
+from .tokens import pair_tokens
 
 
 def build_report_data(
@@ -23,7 +24,9 @@ def build_report_data(
     stage_seconds: Mapping[str, float] | None = None,
     notes: Iterable[str] = (),
 ) -> ReportData:
-    """Everything the reports render: curves per trace set, weight tables and summaries.
+    """Everything the reports render: curves per trace set, weight tables and summaries,
+    and the tokens behind each pair's dominant datapoints (named in the dip layers only
+    when the pair's bathtub verdict observed a dip).
 
     ``curves(result, trace_set)`` gives a pair's curves (None = primary set). A pair whose
     rows cannot be aggregated (NaN, holes) has failed its findings with the reason
@@ -73,6 +76,9 @@ def build_report_data(
                 f"descendant, so their normalized diff is 2 whatever the change (flagged; "
                 f"in the headline only if a matrix): {shown}"
             )
+        named = pair_tokens(r, by_key.get(("bathtub", pid)))
+        if named is not None:
+            data.tokens[pid] = named
         loc = by_key.get(("weight_distributed", pid))
         if loc is not None and "gini" in loc.details and loc.observed is not None:
             summary["localization"] = float(loc.details["gini"])

@@ -12,20 +12,28 @@ the reports render what these return.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from .records import DominantRecord, MassiveRecord
+from .records import DominantRecord, MassiveRecord, PairResult, Verdict, trace_set_of
 
 __all__ = [
+    "PairTokens",
     "TokenFrequency",
+    "TokenNamer",
     "decode_each",
+    "dip_layers",
     "dominant_tokens",
     "format_layers",
     "massive_overlap",
+    "pair_tokens",
     "quote_token",
     "token_layer_shares",
 ]
+
+#: Token id and text of a position the namer could not name (no tokenizer, out of range).
+UNNAMED: tuple[int, str] = (-1, "")
 
 
 def quote_token(text: str) -> str:
@@ -161,3 +169,172 @@ def token_layer_shares(
         for t in tokens
     ]
     return [quote_token(t.token) for t in tokens], layers, matrix
+
+
+class TokenNamer:
+    """The token id and text at a position of each trace, for one base on one trace set.
+
+    Why here and not in the cache: the metric cache stores positions only (its entries
+    and keys stay as they are); ids come from the token ids the pair was scored on, and
+    each id is decoded on its own with the base's tokenizer, memoized across traces. So
+    a warm run names tokens from a tokenizer alone, without loading a model.
+    ``decode(ids) -> str`` keeps special tokens; None leaves every text empty.
+    """
+
+    def __init__(
+        self,
+        ids: Mapping[str, Sequence[int]],
+        decode: Callable[[list[int]], str] | None,
+    ) -> None:
+        self._ids = {str(k): [int(i) for i in v] for k, v in ids.items()}
+        self._decode = decode
+        self._text: dict[int, str] = {}
+
+    @classmethod
+    def unnamed(cls) -> TokenNamer:
+        """A namer that names nothing (id -1, text ""): tokens could not be read."""
+        return cls({}, None)
+
+    def text(self, token_id: int) -> str:
+        """``token_id`` decoded on its own (memoized); "" without a tokenizer."""
+        if self._decode is None or token_id < 0:
+            return ""
+        if token_id not in self._text:
+            self._text[token_id] = decode_each(self._decode, [token_id])[0]
+        return self._text[token_id]
+
+    def at(self, trace_id: str, position: int) -> tuple[int, str]:
+        """(token id, text) at ``position`` of trace ``trace_id`` (its id without the set)."""
+        ids = self._ids.get(trace_id)
+        if ids is None or not 0 <= position < len(ids):
+            return UNNAMED
+        tid = ids[position]
+        return tid, self.text(tid)
+
+    def for_trace(self, trace_id: str) -> Callable[[int], tuple[int, str]]:
+        """``at`` bound to one trace: what :func:`~reasondiff.metric_store.rows_from_entry` takes."""
+        return lambda position: self.at(trace_id, position)
+
+
+def dip_layers(bathtub: Verdict | None) -> tuple[int, ...]:
+    """The layers of an *observed* bathtub dip: start .. recover - 1 (else the bottom).
+
+    Empty when there is no verdict or it did not observe a dip (a negative control), so
+    nothing downstream can name tokens "in the dip" of a pair that has none.
+    """
+    if bathtub is None or not bathtub.observed:
+        return ()
+    d = bathtub.details
+
+    def layer(key: str) -> int | None:
+        v = d.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    start, bottom, recover = layer("start"), layer("bottom"), layer("recover")
+    if start is not None and recover is not None and recover > start:
+        return tuple(range(start, recover))
+    if start is not None and bottom is not None and bottom >= start:
+        return tuple(range(start, bottom + 1))
+    return (bottom,) if bottom is not None else ()
+
+
+@dataclass
+class PairTokens:
+    """The tokens behind one pair's dominant datapoints, as the reports show them.
+
+    Over the primary trace set, both sides pooled (the union U that the ablation removes).
+    ``dip`` holds the layers of an observed bathtub dip (empty: none), ``in_dip`` the
+    tokens most often dominant there, ``overall`` those over all layers; ``overlap`` is
+    per layer the share of dominant tokens carrying a massive activation (study ~0.4);
+    ``heat_*`` are :func:`token_layer_shares` for the tokens x layers figure.
+    """
+
+    trace_set: str
+    total_traces: int
+    dip: tuple[int, ...] = ()
+    in_dip: list[TokenFrequency] = field(default_factory=list)
+    overall: list[TokenFrequency] = field(default_factory=list)
+    overlap: dict[int, float] = field(default_factory=dict)
+    heat_tokens: list[str] = field(default_factory=list)
+    heat_layers: list[int] = field(default_factory=list)
+    heat_shares: list[list[float]] = field(default_factory=list)
+
+    def dip_line(self) -> str | None:
+        """``dominant in dip (layers 4-7): '<|bos|>' 16/16 traces (position 0); ...``;
+        None without an observed dip."""
+        if not self.dip or not self.in_dip:
+            return None
+        return f"dominant in dip (layers {format_layers(self.dip)}): " + "; ".join(
+            _count_text(t) for t in self.in_dip
+        )
+
+    def overall_line(self) -> str | None:
+        """``dominant (no dip; all layers): ...``: named without claiming a dip."""
+        if not self.overall:
+            return None
+        head = "dominant (all layers)" if self.dip else "dominant (no dip; all layers)"
+        return f"{head}: " + "; ".join(_count_text(t) for t in self.overall)
+
+    def overlap_line(self) -> str | None:
+        """``... (study ~0.4): layers 0-3 0.00, 4-7 0.05, 8-10 0.00``: per layer, runs of
+        equal shares merged so that a 28-layer model still fits a line or two."""
+        if not self.overlap:
+            return None
+        runs: list[tuple[list[int], str]] = []  # consecutive layers with the same share
+        for lay, share in sorted(self.overlap.items()):
+            text = f"{share:.2f}"
+            if runs and runs[-1][1] == text and runs[-1][0][-1] == lay - 1:
+                runs[-1][0].append(lay)
+            else:
+                runs.append(([lay], text))
+        parts = ", ".join(f"{format_layers(lays)} {text}" for lays, text in runs)
+        return f"share of dominant tokens with a massive activation (study ~0.4): layers {parts}"
+
+
+def _count_text(t: TokenFrequency) -> str:
+    """``'<|bos|>' 16/16 traces (position 0)``."""
+    pos = ", ".join(str(p) for p in t.positions[:3]) + (", ..." if len(t.positions) > 3 else "")
+    where = "position" if len(t.positions) == 1 else "positions"
+    return f"{quote_token(t.token)} {t.traces}/{t.total_traces} traces ({where} {pos})"
+
+
+def pair_tokens(
+    result: PairResult,
+    bathtub: Verdict | None,
+    *,
+    top: int = 3,
+    heat_top: int = 8,
+) -> PairTokens | None:
+    """What the reports say about one pair's dominant tokens (None if none recorded).
+
+    Only the primary trace set counts: the bathtub verdict is judged on it.
+    """
+    primary = result.trace_sets[0] if result.trace_sets else None
+    dom = [r for r in result.dominant if primary is None or trace_set_of(r.trace) == primary]
+    if not dom:
+        return None
+    traces = {r.trace for r in dom}
+    massive = [m for m in result.massive if m.trace in traces]
+    dip = dip_layers(bathtub)
+    tokens, layers, shares = token_layer_shares(dom, top=heat_top)
+    return PairTokens(
+        trace_set=primary or "",
+        total_traces=len(traces),
+        dip=dip,
+        in_dip=dominant_tokens(dom, layers=dip, top=top) if dip else [],
+        overall=dominant_tokens(dom, top=top),
+        overlap=massive_overlap(dom, massive),
+        heat_tokens=tokens,
+        heat_layers=layers,
+        heat_shares=shares,
+    )
+
+
+def massive_tokens(
+    positions: Sequence[int], name: Callable[[int], tuple[int, str]] | None
+) -> dict[str, Any]:
+    """``token_ids`` / ``tokens`` keywords of a :class:`MassiveRecord` for these positions."""
+    if name is None:
+        return {}
+    named = [name(int(p)) for p in positions]
+    return {"token_ids": tuple(i for i, _ in named), "tokens": tuple(t for _, t in named)}

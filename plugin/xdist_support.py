@@ -17,6 +17,7 @@ import pytest
 from .records import (
     CacheStats,
     CkaRecord,
+    DominantRecord,
     MassiveRecord,
     PairInfo,
     PairResult,
@@ -90,7 +91,30 @@ def pair_result_to_dict(result: PairResult) -> dict[str, Any]:
         "weights": [[w.base, w.descendant, *weight_to_row(w)] for w in result.weights],
         "cka": [[c.base, c.descendant, c.trace, c.layer, c.metric, c.value] for c in result.cka],
         "massive": [
-            [m.model, m.trace, m.layer, list(m.positions), m.max_abs] for m in result.massive
+            [
+                m.model,
+                m.trace,
+                m.layer,
+                list(m.positions),
+                m.max_abs,
+                list(m.token_ids),
+                list(m.tokens),
+            ]
+            for m in result.massive
+        ],
+        "dominant": [
+            [
+                r.base,
+                r.descendant,
+                r.trace,
+                r.layer,
+                r.model,
+                r.position,
+                r.token_id,
+                r.token,
+                r.projection,
+            ]
+            for r in result.dominant
         ],
         "trace_sets": list(result.trace_sets),
         "notes": list(result.notes),
@@ -104,7 +128,22 @@ def pair_result_from_dict(d: dict[str, Any]) -> PairResult:
         weights=[weight_from_row(r[2:], r[0], r[1]) for r in d["weights"]],
         cka=[CkaRecord(r[0], r[1], r[2], int(r[3]), r[4], float(r[5])) for r in d["cka"]],
         massive=[
-            MassiveRecord(r[0], r[1], int(r[2]), tuple(r[3]), float(r[4])) for r in d["massive"]
+            MassiveRecord(
+                r[0],
+                r[1],
+                int(r[2]),
+                tuple(r[3]),
+                float(r[4]),
+                tuple(int(i) for i in (r[5] if len(r) > 5 else ())),
+                tuple(str(t) for t in (r[6] if len(r) > 6 else ())),
+            )
+            for r in d["massive"]
+        ],
+        dominant=[
+            DominantRecord(
+                r[0], r[1], r[2], int(r[3]), r[4], int(r[5]), int(r[6]), str(r[7]), float(r[8])
+            )
+            for r in d.get("dominant", [])  # absent from an older worker's output
         ],
         trace_sets=list(d["trace_sets"]),
         notes=list(d["notes"]),

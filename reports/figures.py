@@ -404,6 +404,61 @@ def build_figure_5(data: ReportData) -> Figure | None:
     return fig
 
 
+def _tick_label(quoted: str, width: int = 18) -> str:
+    """A token label matplotlib draws as is: ``$`` escaped (no mathtext), characters past
+    the default font's reach as ``\\u`` escapes (a missing glyph warns), long ones cut."""
+    label = quoted.replace("$", r"\$")
+    if any(ord(c) > 0x24FF for c in label):
+        label = label.encode("ascii", "backslashreplace").decode("ascii")
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def build_figure_6(data: ReportData) -> Figure | None:
+    """Which tokens the dominant datapoints are, per layer: one heatmap per pair, tokens
+    (the most often dominant) x layers, each cell the share of traces in which the token
+    is dominant there (base and descendant pooled). An observed bathtub dip is outlined."""
+    pairs = [p for p in unique_pairs(data.pairs) if data.tokens.get(p.pair_id) is not None]
+    pairs = [p for p in pairs if data.tokens[p.pair_id].heat_tokens]
+    if not pairs:
+        return None
+    cols = min(3, len(pairs))
+    rows = math.ceil(len(pairs) / cols)
+    fig, axes = _new_figure(rows, cols, extra_w=1.2, panel=(4.6, 3.0))
+    flat = [ax for row in axes for ax in row]
+    image = None
+    for ax, pair in zip(flat, pairs, strict=False):
+        named = data.tokens[pair.pair_id]
+        image = ax.imshow(
+            named.heat_shares, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
+            interpolation="nearest",
+        )  # fmt: skip
+        ax.set_yticks(range(len(named.heat_tokens)))
+        ax.set_yticklabels([_tick_label(t) for t in named.heat_tokens], fontsize=7)
+        step = 1 if len(named.heat_layers) <= 16 else math.ceil(len(named.heat_layers) / 16)
+        ticks = list(range(0, len(named.heat_layers), step))
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(named.heat_layers[i]) for i in ticks], fontsize=7)
+        ax.set_xlabel(_X_LABEL, fontsize=7)
+        title = pair.descendant
+        dip = [named.heat_layers.index(lay) for lay in named.dip if lay in named.heat_layers]
+        if dip:
+            for x in (min(dip) - 0.5, max(dip) + 0.5):
+                ax.axvline(x, color="red", lw=1.2, ls="--")
+            title += f" (dip: layers {min(named.dip)}-{max(named.dip)})"
+        else:
+            title += " (no dip)"
+        ax.set_title(f"{title}, {named.total_traces} traces", fontsize=9)
+    for ax in flat[len(pairs) :]:
+        fig.delaxes(ax)
+    if image is not None:
+        fig.colorbar(image, ax=flat[: len(pairs)], shrink=0.8, label="share of traces")
+    fig.suptitle(
+        "Dominant tokens per layer: share of traces in which each token is among the "
+        "top-k by |PC1 projection|"
+    )
+    return fig
+
+
 FIGURES = (
     _Spec(1, "fig1_cka", "CKA per layer (linear and RBF)", ("bathtub", "sft_more_than_rl"), build_figure_1,
           "no linear or RBF CKA curves in this run"),
@@ -415,6 +470,9 @@ FIGURES = (
           build_figure_4, "no linear or RBF CKA curves in this run"),
     _Spec(5, "fig5_trace_invariance", "Trace invariance (two trace sets)", ("trace_invariant",),
           build_figure_5, "curves for fewer than two trace sets (metrics linear@<set>); run with a second trace set"),
+    _Spec(6, "fig6_dominant_tokens", "Dominant tokens per layer (tokens x layers)",
+          ("bathtub", "bathtub_explained"), build_figure_6,
+          "no dominant tokens recorded (a bundle written before dominant.csv, or no CKA rows)"),
 )  # fmt: skip
 
 

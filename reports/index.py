@@ -125,6 +125,13 @@ def render_index(data: ReportData, out_dir: Path, figures: Sequence[FigureInfo])
             )
         if problems:
             lines.append("")
+        named = [(p, data.tokens[p.pair_id]) for p in pairs if p.pair_id in data.tokens]
+        for pair, tokens in named:
+            for text in (tokens.dip_line() or tokens.overall_line(), tokens.overlap_line()):
+                if text:
+                    lines.append(f"- {md_code(pair.pair_id)} {md_text(text)}")
+        if named:
+            lines.append("")
     if data.notes:
         lines += ["## Notes", ""] + [f"- {md_text(n)}" for n in data.notes] + [""]
     return "\n".join(lines).rstrip() + "\n"

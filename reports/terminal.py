@@ -166,6 +166,8 @@ def render_terminal(data: ReportData, *, console: Console) -> None:
             _print_fitting(console, *_findings_views(pairs, data, verdicts, glyphs))
         for line in _problem_lines(pairs, data):
             console.print(line)
+        for line in _token_lines(pairs, data):
+            console.print(line, soft_wrap=True)  # one line per fact: grep-able
         base_level = group_verdicts(name, pairs, data.verdicts)
         if base_level:
             _print_fitting(console, *_group_views(base_level, glyphs))
@@ -379,6 +381,36 @@ def _problem_lines(pairs: Sequence[PairInfo], data: ReportData) -> list[Text]:
             line.append(status_word(v), style=_STATUS_STYLE.get(v.status, ""))
             line.append(f" {v.subject} {v.finding}: {v.summary}")
             lines.append(line)
+    return lines
+
+
+def _token_lines(pairs: Sequence[PairInfo], data: ReportData) -> list[Text]:
+    """Per pair with recorded dominant datapoints: which tokens they are.
+
+    A pair whose bathtub verdict observed a dip gets the tokens most often dominant in the
+    dip layers; any other pair gets them over all layers, in words that claim no dip.
+    Then the share of dominant tokens that carry a massive activation, per layer.
+    """
+    lines: list[Text] = []
+    for pair in pairs:
+        named = data.tokens.get(pair.pair_id)
+        if named is None:
+            continue
+        if not lines:
+            lines.append(
+                Text(
+                    "dominant tokens (top-k by |PC1 projection|, base and descendant pooled, "
+                    "primary trace set):",
+                    style="italic",
+                )
+            )
+        texts = [named.dip_line() or named.overall_line(), named.overlap_line()]
+        for text in texts:
+            if text:
+                line = Text("  ")
+                line.append(pair.descendant, style="bold")
+                line.append(f" {text}")
+                lines.append(line)
     return lines
 
 

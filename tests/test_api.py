@@ -173,6 +173,8 @@ def pytest_run(toy_cache: Path, mini_registry: Path, tmp_path_factory: pytest.Te
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert (out / "results.json").is_file()
+    # the terminal report, beside the bundle (not in it: write() must match the folder)
+    out.with_name(out.name + "-stdout.txt").write_text(proc.stdout)
     return out
 
 
@@ -225,7 +227,7 @@ def test_curves_carry_the_bootstrap_interval(comparison) -> None:
 def test_write_writes_what_report_dir_writes(comparison, pytest_run: Path, tmp_path: Path) -> None:
     out = comparison.write(tmp_path / "nb")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in pytest_run.iterdir())
-    for name in ("weights.csv", "cka.csv", "massive.csv"):
+    for name in ("weights.csv", "cka.csv", "massive.csv", "dominant.csv"):
         assert (out / name).read_text() == (pytest_run / name).read_text(), name
     mine, theirs = (json.loads((d / "results.json").read_text()) for d in (out, pytest_run))
     assert mine["pairs"] == theirs["pairs"]
@@ -237,13 +239,35 @@ def test_frames_row_counts_equal_the_bundle(comparison, pytest_run: Path) -> Non
     pytest.importorskip("pandas")
     frames = comparison.frames()
     assert set(frames) == {"weights", "cka", "massive", "dominant", "verdicts"}
-    for name in ("weights", "cka", "massive"):
+    for name in ("weights", "cka", "massive", "dominant"):
         rows = _csv_rows(pytest_run / f"{name}.csv")
         assert list(frames[name].columns) == rows[0], name
         assert len(frames[name]) == len(rows) - 1, name
     doc = json.loads((pytest_run / "results.json").read_text())
     assert len(frames["verdicts"]) == len(doc["verdicts"])
-    assert len(frames["dominant"]) == 0
+    assert len(frames["dominant"]) == doc["files"]["dominant.csv"]["rows"] > 0
+    sink = frames["dominant"][frames["dominant"]["position"] == 0]
+    assert set(sink["token"]) == {"<|bos|>"}  # position 0 of every toy trace
+
+
+@pytest.mark.slow
+def test_the_pytest_report_names_the_planted_sink_and_no_dip_for_sft(pytest_run: Path) -> None:
+    """The session's report (a live pytest run): toy-massive's dip is carried by BOS."""
+    text = pytest_run.with_name(pytest_run.name + "-stdout.txt").read_text()
+    lines = [ln.strip() for ln in text.splitlines()]
+    dip = [ln for ln in lines if ln.startswith("mini-massive dominant in dip (layers ")]
+    assert len(dip) == 1 and "): '<|bos|>' 16/16 traces (position 0)" in dip[0], dip
+    for control in ("mini-sft", "mini-rl"):
+        mine = [ln for ln in lines if ln.startswith(f"{control} ") and "dominant" in ln]
+        assert mine and not any("in dip" in ln for ln in mine), (control, mine)
+    rows = _csv_rows(pytest_run / "dominant.csv")
+    header = rows[0]
+    named = [dict(zip(header, r, strict=True)) for r in rows[1:]]
+    assert any(
+        r["descendant"] == r["model"] == "mini-massive"
+        and (r["position"], r["token_id"], r["token"]) == ("0", "1", "<|bos|>")
+        for r in named
+    )
 
 
 @pytest.mark.slow

@@ -15,7 +15,19 @@ import pytest
 from reasondiff import bundle_writer as bundle_mod
 from reasondiff.bundle import atomic_write_text, bundle_schema, read_bundle, write_bundle
 from reasondiff.errors import BundleError
-from reasondiff.records import CkaRecord, MassiveRecord, PairInfo, PairResult, Verdict, WeightRecord
+from reasondiff.records import (
+    CkaRecord,
+    DominantRecord,
+    MassiveRecord,
+    PairInfo,
+    PairResult,
+    Verdict,
+    WeightRecord,
+)
+
+#: Token texts a CSV must carry unchanged: a leading space, a separator, quotes, a
+#: newline, a special token and non-ASCII text.
+TRICKY_TOKENS = ("<|bos|>", ' a;"b",', "\n", " ", "▁über")
 
 
 def _info(desc: str, method: str | None = "SFT") -> PairInfo:
@@ -73,13 +85,31 @@ def _result(desc: str, seed: int) -> PairResult:
         for metric in ("linear", "rbf")
     ]
     massive = [
-        MassiveRecord("toy-base", "a:0", 2, (0,), 3.6e4),
-        MassiveRecord(desc, "a:0", 2, (0, 17), 1234.5),
+        MassiveRecord("toy-base", "a:0", 2, (0,), 3.6e4, (1,), ("<|bos|>",)),
+        MassiveRecord(desc, "a:0", 2, (0, 17), 1234.5, (1, 40), ("<|bos|>", ' a;"b",')),
         MassiveRecord(desc, "a:1", 3, (), 12.0),
     ]
-    return PairResult(
+    dominant = [
+        DominantRecord(
+            "toy-base",
+            desc,
+            trace,
+            2,
+            model,
+            pos,
+            10 + pos,
+            TRICKY_TOKENS[(pos + j) % len(TRICKY_TOKENS)],
+            float(rng.random()) * 1e3,
+        )
+        for trace in ("a:0", "a:1")
+        for j, model in enumerate(("toy-base", desc))
+        for pos in (0, 2, 4)
+    ]
+    res = PairResult(
         _info(desc), weights, cka, massive, ["a", "b"], ["trace a:1 truncated to 300 tokens"]
     )
+    res.dominant = dominant
+    return res
 
 
 VERDICTS = [
@@ -120,7 +150,7 @@ def _assert_same_results(got: list[PairResult], want: list[PairResult]) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.info == w.info and g.trace_sets == w.trace_sets and g.notes == w.notes
-        for field in ("weights", "cka", "massive"):
+        for field in ("weights", "cka", "massive", "dominant"):
             gl, wl = getattr(g, field), getattr(w, field)
             assert len(gl) == len(wl), field
             assert all(_records_equal(x, y) for x, y in zip(gl, wl, strict=True)), field
@@ -168,10 +198,28 @@ def test_written_files_have_exact_columns(written: tuple[Path, list[PairResult]]
     assert (out / "cka.csv").read_text().splitlines()[
         0
     ] == "base,descendant,trace,layer,metric,value"
-    massive = (out / "massive.csv").read_text().splitlines()
-    assert massive[0] == "model,trace,layer,positions,max_abs"
-    assert "toy-massive,a:0,2,0;17,1234.5" in massive
-    assert massive.count("toy-base,a:0,2,0,36000.0") == 1  # shared base written once
+    with (out / "massive.csv").open(newline="") as f:
+        massive = list(csv.reader(f))
+    assert massive[0] == ["model", "trace", "layer", "positions", "max_abs", "token_ids", "tokens"]
+    assert [
+        "toy-massive",
+        "a:0",
+        "2",
+        "0;17",
+        "1234.5",
+        "1;40",
+        '["<|bos|>", " a;\\"b\\","]',
+    ] in massive
+    assert massive.count(["toy-base", "a:0", "2", "0", "36000.0", "1", '["<|bos|>"]']) == 1
+    assert ["toy-massive", "a:1", "3", "", "12.0", "", ""] in massive  # nothing to name
+    with (out / "dominant.csv").open(newline="") as f:
+        dominant = list(csv.reader(f))
+    assert dominant[0] == [
+        "base", "descendant", "trace", "layer", "model", "position", "token_id", "token",
+        "projection",
+    ]  # fmt: skip
+    assert len(dominant) == 1 + 2 * 12  # per pair: 2 traces x 2 sides x 3 positions
+    assert {row[7] for row in dominant[1:]} == set(TRICKY_TOKENS)  # text written as is
     doc = json.loads((out / "results.json").read_text())
     assert doc["format"] == "reasondiff-bundle" and doc["version"] == 2
     assert (
@@ -190,6 +238,67 @@ def test_rows_are_matched_to_pairs_by_names(written: tuple[Path, list[PairResult
     assert {c.descendant for c in got["toy-copy"].cka} == {"toy-copy"}
     assert len(got["toy-copy"].cka) == len(got["toy-massive"].cka) == 40
     assert got["toy-copy"].cka[0].trace == "b:1"
+
+
+def test_a_bundle_without_dominant_csv_or_token_columns_replays(
+    written: tuple[Path, list[PairResult]],
+) -> None:
+    """An older bundle: no dominant.csv, massive.csv without the token columns, and a
+    results.json whose file record knows neither."""
+    out, results = written
+    (out / "dominant.csv").unlink()
+    with (out / "massive.csv").open(newline="") as f:
+        rows = [row[:5] for row in csv.reader(f)]
+    with (out / "massive.csv").open("w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+    doc = json.loads((out / "results.json").read_text())
+    del doc["files"]["dominant.csv"]
+    doc["files"]["massive.csv"] = bundle_mod.file_manifest((out / "massive.csv").read_bytes())
+    (out / "results.json").write_text(json.dumps(doc))
+    got = read_bundle(out)
+    assert got.notes == []
+    assert all(r.dominant == [] for r in got.results)
+    massive = got.results[0].massive
+    assert [(m.positions, m.token_ids, m.tokens) for m in massive][:2] == [
+        ((0,), (), ()),
+        ((0, 17), (), ()),
+    ]
+    assert len(got.results[0].cka) == len(results[0].cka)
+
+
+def test_a_dominant_csv_recorded_but_missing_replays_with_a_note(
+    written: tuple[Path, list[PairResult]],
+) -> None:
+    out, _ = written
+    (out / "dominant.csv").unlink()
+    got = read_bundle(out)
+    assert all(r.dominant == [] for r in got.results)
+    assert any("dominant.csv: absent" in n for n in got.notes)
+
+
+@pytest.mark.parametrize(
+    ("fname", "column", "bad", "message"),
+    [
+        ("massive.csv", 5, "1;2;3", "3 ids for 2 positions"),
+        ("massive.csv", 6, "not json", "is not a JSON list of strings"),
+        ("dominant.csv", 4, "someone-else", "neither base 'toy-base' nor descendant"),
+        ("dominant.csv", 6, "x", "column 'token_id': 'x' is not an integer"),
+    ],
+)
+def test_bad_token_columns_are_named(
+    written: tuple[Path, list[PairResult]], fname: str, column: int, bad: str, message: str
+) -> None:
+    out, _ = written
+    with (out / fname).open(newline="") as f:
+        rows = list(csv.reader(f))
+    # massive.csv: the descendant's row with two positions; dominant.csv: the first row
+    line = 1 if fname == "dominant.csv" else rows.index(next(r for r in rows if r[3] == "0;17"))
+    rows[line][column] = bad
+    with (out / fname).open("w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+    bundle_mod.refresh_manifest(out)
+    with pytest.raises(BundleError, match=f"{fname} line .*{message}"):
+        read_bundle(out)
 
 
 def test_massive_csv_is_optional(written: tuple[Path, list[PairResult]]) -> None:

@@ -34,7 +34,7 @@ def test_pngs_exist_are_valid_and_match_their_records(
     written: tuple[Path, list[FigureInfo]],
 ) -> None:
     out, infos = written
-    assert [i.number for i in infos] == [1, 2, 3, 4, 5]
+    assert [i.number for i in infos] == [1, 2, 3, 4, 5, 6]
     for info in infos:
         assert info.path is not None and info.path.parent == out
         data = info.path.read_bytes()
@@ -129,7 +129,7 @@ def test_trace_invariance_figure_and_its_absence(
     assert _lines(fig) == [2 * N_TOY]
     data = make_report_data(trace_sets=False)
     assert figures.build_figure_5(data) is None
-    monkeypatch.setattr(figures, "FIGURES", figures.FIGURES[4:])  # only figure 5: fast
+    monkeypatch.setattr(figures, "FIGURES", figures.FIGURES[4:5])  # only figure 5: fast
     infos = write_figures(data, tmp_path, dpi=LOW_DPI)
     (fig5,) = infos
     assert fig5.path is None and fig5.skipped is not None and "two trace sets" in fig5.skipped
@@ -174,6 +174,12 @@ def test_index_links_figures_and_tabulates_findings(
     assert "reasondiff cache: activations 12 computed, 0 loaded" in text
     table_rows = [ln for ln in text.splitlines() if ln.startswith("| `")]
     assert len(table_rows) == N_TOY + 1  # 7 pairs + the group verdict row
+    assert (
+        f"- {md_code('toy-base__toy-massive')} dominant in dip (layers 3-6): "
+        "'\\<\\|bos\\|\\>' 4/4 traces (position 0)" in text
+    )
+    copy_lines = [ln for ln in text.splitlines() if ln.startswith("- `toy-base__toy-copy`")]
+    assert len(copy_lines) == 2 and not any("in dip" in ln for ln in copy_lines)
 
 
 def test_markdown_escaping() -> None:
@@ -206,3 +212,27 @@ def test_figure_3_clips_a_saturated_point_and_marks_it() -> None:
     assert ax.get_ylim()[1] >= max(v for v in others if v < 2.0)
     markers = ax.collections[0].get_offsets()
     assert [float(x) for x, _ in markers] == [2.0]  # the saturated point, at its block
+
+
+def test_figure_6_heatmap_names_the_sink_and_outlines_only_an_observed_dip() -> None:
+    data = make_report_data()
+    fig = figures.build_figure_6(data)
+    assert fig is not None
+    panels = [ax for ax in fig.axes if ax.get_images()]  # the colour bar is an axes too
+    titles = [ax.get_title() for ax in panels]
+    assert titles == ["toy-copy (no dip), 4 traces", "toy-massive (dip: layers 3-6), 4 traces"]
+    copy_ax, massive_ax = panels
+    assert len(copy_ax.get_lines()) == 0 and len(massive_ax.get_lines()) == 2  # dip edges
+    assert [ln.get_xdata()[0] for ln in massive_ax.get_lines()] == [2.5, 6.5]
+    labels = [t.get_text() for t in massive_ax.get_yticklabels()]
+    assert labels[0] == "'<|bos|>'"
+    shares = massive_ax.get_images()[0].get_array()
+    assert list(shares[0]) == [1.0 if 3 <= lay <= 6 else 0.0 for lay in range(11)]
+    assert "'<|bos|>'" not in [t.get_text() for t in copy_ax.get_yticklabels()]
+
+
+def test_figure_6_token_labels_never_break_matplotlib() -> None:
+    assert figures._tick_label("'$x$'") == "'\\$x\\$'"  # no mathtext
+    assert figures._tick_label("'中'") == "'\\u4e2d'"  # no missing-glyph warning
+    assert len(figures._tick_label("'" + "a" * 40 + "'")) == 18
+    assert figures.build_figure_6(ReportData()) is None

@@ -10,7 +10,16 @@ import re
 import pytest
 from rich.console import Console
 
-from reasondiff.records import CacheStats, Curve, PairInfo, ReportData, Verdict
+from reasondiff.records import (
+    CacheStats,
+    Curve,
+    DominantRecord,
+    MassiveRecord,
+    PairInfo,
+    PairResult,
+    ReportData,
+    Verdict,
+)
 from reasondiff.reports import tables
 from reasondiff.reports.sparkline import Glyphs, level, ramp_rgb, shade, sparkline
 from reasondiff.reports.terminal import (
@@ -21,6 +30,7 @@ from reasondiff.reports.terminal import (
     render_terminal,
     stages_line,
 )
+from reasondiff.tokens import pair_tokens
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 L = 10  # decoder layers of the synthetic toy models: curves have points 0..L
@@ -117,6 +127,15 @@ def make_report_data(*, adhoc: bool = False, trace_sets: bool = True) -> ReportD
             data.verdicts.append(
                 Verdict(finding, pid, observed, expected, f"{finding} summary for {pid}", details)
             )
+    verdicts = {(v.subject, v.finding): v for v in data.verdicts}
+    for pair in data.pairs:
+        if pair.descendant in ("toy-massive", "toy-copy"):
+            named = pair_tokens(
+                token_result(pair, planted=pair.descendant == "toy-massive"),
+                verdicts.get((pair.pair_id, "bathtub")),
+            )
+            assert named is not None
+            data.tokens[pair.pair_id] = named
     data.verdicts += [
         Verdict(
             "final_layer_lowest", "toy-base__toy-sft-b", True, False, "last layer 0.80 < min 0.82"
@@ -147,6 +166,45 @@ def make_report_data(*, adhoc: bool = False, trace_sets: bool = True) -> ReportD
         ),
     ]
     return data
+
+
+N_TRACES = 4  # traces of the synthetic dominant-token rows
+DIP = range(3, 7)  # the planted pair's dip layers (its bathtub verdict: start 3, recover 7)
+
+
+def token_result(pair: PairInfo, *, planted: bool) -> PairResult:
+    """Dominant datapoints of a pair, both sides, every layer of trace set ``a``.
+
+    Planted: in the dip layers the descendant's top token is the sink ``<|bos|>`` at
+    position 0, which also carries the massive activation there; elsewhere (and in
+    the control) the top tokens are ordinary words at per-trace positions.
+    """
+    res = PairResult(info=pair, trace_sets=["a", "b"])
+    for t in range(N_TRACES):
+        trace = f"a:{t}"
+        for layer in range(L + 1):
+            for model in (pair.base, pair.descendant):
+                sink = planted and model == pair.descendant and layer in DIP
+                rows = [(0, 1, "<|bos|>", 5e3)] if sink else [(2 + t, 40, " the", 9.0)]
+                rows.append((7 + t, 50 + t, f" w{t}", 2.0))
+                for pos, tid, tok, proj in rows:
+                    res.dominant.append(
+                        DominantRecord(
+                            pair.base, pair.descendant, trace, layer, model, pos, tid, tok, proj
+                        )
+                    )
+                massive = (0,) if sink else ()
+                res.massive.append(
+                    MassiveRecord(
+                        model, trace, layer, massive, 5e3 if sink else 3.0, (1,) * len(massive),
+                        ("<|bos|>",) * len(massive),
+                    )
+                )  # fmt: skip
+        # the second trace set is not the one the bathtub is judged on: never counted
+        res.dominant.append(
+            DominantRecord(pair.base, pair.descendant, f"b:{t}", 4, pair.base, 0, 99, "zz", 1e9)
+        )
+    return res
 
 
 def _render(data: ReportData, *, width: int = 140, **kwargs: object) -> str:
@@ -362,3 +420,60 @@ def test_heatmap_scales_each_pair_so_an_outlier_hides_no_other_pair() -> None:
     assert "decoder block (columns, 0-based), each pair on its own robust linear scale" in flat
     assert "the scale's top (in its title); ▲ = above it" in flat
     assert "▲" in massive  # the saturated cell is marked, not the darkest shade
+
+
+# ---------------------------------------------------------------- dominant tokens
+def _token_lines(text: str, descendant: str) -> list[str]:
+    """The dominant-token lines of one pair (each starts with its descendant's name)."""
+    return [
+        ln.strip()
+        for ln in text.splitlines()
+        if ln.strip().startswith(f"{descendant} ") and "dominant" in ln
+    ]
+
+
+def test_planted_pair_names_the_sink_token_in_its_dip() -> None:
+    out = render_plain_summary(make_report_data(), width=200)
+    dip, overlap = _token_lines(out, "toy-massive")
+    assert dip == (
+        "toy-massive dominant in dip (layers 3-6): '<|bos|>' 4/4 traces (position 0); "
+        "' the' 4/4 traces (positions 2, 3, 4, ...); ' w0' 1/4 traces (position 7)"
+    )
+    # 2 of 4 dominant tokens per (trace, layer) are the descendant's; the sink carries the
+    # massive activation in the dip layers only: 1 / 4 of the pooled dominant tokens there
+    assert overlap == (
+        "toy-massive share of dominant tokens with a massive activation (study ~0.4): "
+        "layers 0-2 0.00, 3-6 0.25, 7-10 0.00"
+    )
+    assert "'zz'" not in out  # the second trace set is not counted
+
+
+def test_a_pair_without_a_dip_gets_no_line_claiming_one() -> None:
+    data = make_report_data()
+    out = render_plain_summary(data, width=200)
+    lines = _token_lines(out, "toy-copy")
+    assert len(lines) == 2 and not any("in dip" in ln for ln in lines)
+    assert lines[0].startswith("toy-copy dominant (no dip; all layers): ' the' 4/4 traces")
+    assert "<|bos|>" not in " ".join(lines)
+    # the dip line follows the verdict, not the records: no observed dip, no dip line
+    pid = "toy-base__toy-massive"
+    for v in data.verdicts:
+        if (v.subject, v.finding) == (pid, "bathtub"):
+            v.observed = False
+    pair = next(p for p in data.pairs if p.pair_id == pid)
+    bathtub = next(v for v in data.verdicts if (v.subject, v.finding) == (pid, "bathtub"))
+    data.tokens[pid] = pair_tokens(token_result(pair, planted=True), bathtub)  # type: ignore[assignment]
+    again = render_plain_summary(data, width=200)
+    assert not any("in dip" in ln for ln in _token_lines(again, "toy-massive"))
+    assert "toy-massive dominant (no dip; all layers): '<|bos|>'" in again
+
+
+def test_token_lines_leave_the_other_lines_as_they_were() -> None:
+    data = make_report_data()
+    with_tokens = render_plain_summary(data, width=140).splitlines()
+    data.tokens.clear()
+    without = render_plain_summary(data, width=140).splitlines()
+    added = [ln for ln in with_tokens if ln not in without]
+    assert with_tokens[-2:] == without[-2:]  # the cache and stages lines
+    assert [ln for ln in with_tokens if ln in without] == without
+    assert len(added) == 5 and added[0].startswith("dominant tokens (top-k by |PC1 projection|")
