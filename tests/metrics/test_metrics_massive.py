@@ -54,3 +54,25 @@ def test_accepts_numpy_and_bf16() -> None:
     x[2, 2] = 1.0e4
     assert massive_activations(x.numpy()).positions == (2,)
     assert massive_activations(x.to(torch.bfloat16)).positions == (2,)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.randn(256, 512, generator=torch.Generator().manual_seed(7)),  # even count
+        torch.randn(255, 7, generator=torch.Generator().manual_seed(8)),  # odd count
+        torch.zeros(6, 4),  # all zero: one bucket, all ties
+        torch.tensor([[0.0, 1e-40, 3e-39], [5.0, 5.0, 5.0]]),  # subnormals and ties
+        (torch.randn(64, 33, generator=torch.Generator().manual_seed(9)) * 1e4).bfloat16(),
+        torch.full((9, 9), 2.5).index_put_(
+            (torch.tensor([0]), torch.tensor([0])), torch.tensor(3e4)
+        ),
+    ],
+    ids=["even", "odd", "zeros", "subnormal-ties", "bf16", "massive"],
+)
+def test_median_by_buckets_equals_numpy(values: torch.Tensor) -> None:
+    """The float32 radix selection is exact: numpy's median of the same |values|."""
+    from reasondiff.metrics.massive import _median
+
+    want = float(np.median(np.abs(values.float().numpy()).astype(np.float64)))
+    assert _median(values.abs()) == want
