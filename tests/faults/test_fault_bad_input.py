@@ -296,11 +296,11 @@ def test_compare_warns_of_the_rbf_budget_before_any_work(
     with warnings.catch_warnings():
         warnings.simplefilter("error", RbfBudgetWarning)  # the warning stops compare() here
         with pytest.raises(RbfBudgetWarning, match=r"N\^2 = 1\.4e\+08 pairs.*max_tokens 11585"):
-            api.compare(
-                "toy:base", ["toy:copy"], traces=trace, cache_dir=tmp_path, max_tokens=LONG
-            )
+            api.compare("toy:base", ["toy:copy"], traces=trace, cache_dir=tmp_path, max_tokens=LONG)
     with pytest.warns(RbfBudgetWarning, match="RBF CKA over a trace of 12000 tokens") as seen:
-        got = api.compare("toy:base", ["toy:copy"], traces=trace, cache_dir=tmp_path, max_tokens=LONG)
+        got = api.compare(
+            "toy:base", ["toy:copy"], traces=trace, cache_dir=tmp_path, max_tokens=LONG
+        )
     assert len(seen) == 1 and seen[0].filename == __file__  # attributed to the caller
     assert any("RBF CKA over a trace" in n for n in got.notes)  # and kept in the notes
     assert got.failed and "started work" in (got[0].error or "")
