@@ -266,14 +266,20 @@ def test_a_bundle_without_dominant_csv_or_token_columns_replays(
     assert len(got.results[0].cka) == len(results[0].cka)
 
 
-def test_a_dominant_csv_recorded_but_missing_replays_with_a_note(
+def test_a_dominant_csv_recorded_but_missing_is_named_and_replays_once_refreshed(
     written: tuple[Path, list[PairResult]],
 ) -> None:
+    """Like every listed CSV (issue 15.2): an error naming it; after a deliberate removal
+    and ``refresh_manifest`` the bundle replays without dominant rows."""
+    from reasondiff.bundle import refresh_manifest
+
     out, _ = written
     (out / "dominant.csv").unlink()
+    with pytest.raises(BundleError, match=r"dominant[.]csv: missing from the bundle"):
+        read_bundle(out)
+    refresh_manifest(out)
     got = read_bundle(out)
     assert all(r.dominant == [] for r in got.results)
-    assert any("dominant.csv: absent" in n for n in got.notes)
 
 
 @pytest.mark.parametrize(
