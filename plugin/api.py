@@ -10,13 +10,14 @@ and curves, the group finding, pandas frames, the terminal report and the bundle
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, overload
 
 from .engine import Engine, EngineConfig, resolve_trace_path
-from .errors import ReasondiffError, RegistryError
+from .errors import RbfBudgetWarning, ReasondiffError, RegistryError
 from .findings import (
     FindingOptions,
     GroupMember,
@@ -115,7 +116,11 @@ def compare(
 
     A descendant that fails is kept as a failed result (``.error`` says why) and the
     others are returned; ``raise_on_error=True`` raises the first failure instead.
-    Arguments are checked before any model is loaded.
+    Arguments are checked before any model is loaded. When RBF CKA over the longest
+    trace needs more than the budget (N^2 pairs), a
+    :class:`~reasondiff.errors.RbfBudgetWarning` says so, with the estimate and the
+    ``max_tokens`` that fits, before the work starts (also kept in ``.notes``, as are the
+    notes of toy checkpoints rebuilt on the way).
     """
     comparison, _ = compare_with_engine(
         base,
@@ -210,6 +215,8 @@ def compare_with_engine(
         toy_root=lambda: toy_root(root),
         names=("layers", "dominant_k", "max_tokens"),
     )
+    for note in notes:  # said before the work starts, not only in the returned notes
+        warnings.warn(note, RbfBudgetWarning, stacklevel=3)
     engine = Engine(engine_config, trace_paths=paths)
     engine.notes.extend(notes)
     results: list[PairResult] = []
@@ -223,6 +230,9 @@ def compare_with_engine(
                 results.append(_failed(p, exc))
     finally:
         engine.release_models()  # a notebook keeps the engine; not the GPU memory
+    from reasondiff.fixtures.toy import drain_notes
+
+    engine.notes.extend(n for n in drain_notes() if n not in engine.notes)  # toys rebuilt
 
     config = DiffOptions(
         registry=tuple(str(r) for r in registry),
@@ -250,7 +260,7 @@ def _check_arguments(
     base: str, descendants: Sequence[str], method: str | None, values: Mapping[str, Any]
 ) -> None:
     """Refuse what cannot work, before any model is loaded (each error names the argument)."""
-    from .preflight import check_compare_arguments
+    from .preflight import check_compare_arguments, check_threads
 
     if not isinstance(base, str) or not base:
         raise RegistryError(f"compare(): base must be a model name, got {base!r}")
@@ -267,6 +277,8 @@ def _check_arguments(
         v = values[name]
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ReasondiffError(f"compare(): {name} must be an integer >= 1, got {v!r}")
+    if values["torch_threads"] is not None:  # the bound of --torch-threads (one place)
+        check_threads(values["torch_threads"], where="compare(): torch_threads", auto="None")
     from .metrics.defaults import RBF_MEDIANS
 
     if values["rbf_median"] not in RBF_MEDIANS:

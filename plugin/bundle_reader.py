@@ -158,9 +158,11 @@ def verify_manifest(root: Path, doc: dict[str, Any]) -> list[str]:
     """Check each CSV against the row count and sha256 that ``results.json`` records.
 
     A bundle without the record (imported, or written before it existed) is not checked.
-    A different row count or a cut last row raises :class:`BundleError` naming the
-    file, the expected and the found rows; the same rows with another checksum (an edit
-    on purpose: rows reordered, a column added) replay, with the returned note.
+    A file the record lists but the bundle lacks, a different row count or a cut last
+    row raises :class:`BundleError` naming the file, the expected and the found rows (a
+    missing cka.csv would otherwise replay every pair as "weights only"); the same rows
+    with another checksum (an edit on purpose: rows reordered, a column added) replay,
+    with the returned note.
     """
     where = root / "results.json"
     files = doc.get("files")
@@ -181,11 +183,11 @@ def verify_manifest(root: Path, doc: dict[str, Any]) -> list[str]:
         except FileNotFoundError:
             if name == "weights.csv":
                 continue  # the reader names it: "missing from the bundle"
-            notes.append(
-                f"{path}: absent, although {where.name} records {record['rows']} rows for "
-                "it; replayed without it"
-            )
-            continue
+            raise BundleError(
+                f"{path}: missing from the bundle, although {where.name} records "
+                f"{record['rows']} rows for it; copy or write the bundle again (after a "
+                "deliberate removal: reasondiff.bundle.refresh_manifest(DIR))"
+            ) from None
         except OSError as exc:
             raise BundleError(f"{path}: cannot read: {exc}") from exc
         if hashlib.sha256(data).hexdigest() == record["sha256"]:
@@ -328,7 +330,8 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
     Raises :class:`~reasondiff.errors.BundleError` naming the file, the line and what
     was expected for: a missing directory or weights.csv, a missing column, a value that
     is not a number, a row for a pair not listed in ``results.json``, a massive row for
-    a model in no pair.
+    a model in no pair or with a non-finite ``max_abs``, a CSV that ``results.json``
+    lists but the bundle lacks.
     """
     root = Path(path)
     if root.is_file():
@@ -433,12 +436,21 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
                     f"(known models: {', '.join(sorted(models)) or 'none'})"
                 )
             positions = row.get_ints("positions", ";")
+            max_abs = row.get_float("max_abs")
+            if not math.isfinite(max_abs):
+                # A live run fails on NaN/Inf activations before it writes a row, so a
+                # non-finite magnitude is damage: named here, never replayed.
+                raise row.error(
+                    f"column 'max_abs': {row.text('max_abs').strip()!r} is not finite; a "
+                    "massive activation's magnitude is a finite number (a run with NaN or "
+                    "Inf activations fails instead of writing one); write the bundle again"
+                )
             rec = MassiveRecord(
                 model=model,
                 trace=row.text("trace"),
                 layer=row.get_int("layer"),
                 positions=positions,
-                max_abs=row.get_float("max_abs"),
+                max_abs=max_abs,
                 **_massive_tokens(row, len(positions)),
             )
             for (base, desc), res in by_pair.items():

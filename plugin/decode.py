@@ -6,8 +6,9 @@ knows nothing of problems, files or progress bars (``reasondiff.generate`` does 
 transformers: the prompts of a batch are left-padded with an attention mask (so every
 row's last prompt token sits at the same position and its position ids skip the pads),
 one ``generate`` call per batch; a row that hits EOS early is padded until the longest
-row finishes (``generate`` cannot drop rows from a running batch). Each continuation is
-cut after its first EOS, which is exactly what ``generate`` returns at batch 1. In
+row finishes (``generate`` cannot drop rows from a running batch), and the batch ends
+with its longest row: once every row has hit EOS no further step runs. Each continuation
+is cut after its first EOS, which is exactly what ``generate`` returns at batch 1. In
 float32 the ids equal batch 1's token for token (tests/test_generate_batched.py); in
 bf16 on a GPU batched kernels may round differently and the ids can differ -- the trace
 stored is what was generated, and the comparison teacher-forces those ids.

@@ -48,3 +48,9 @@ class NonFiniteError(ReasondiffError, ValueError):
 
 class BundleError(ReasondiffError, ValueError):
     """A results bundle (--from-results) is missing files or has wrong columns."""
+
+
+class RbfBudgetWarning(UserWarning):
+    """RBF CKA over the run's longest trace needs more work and memory (N^2 pairs) than the
+    budget (``reasondiff.preflight.RBF_BUDGET_BYTES``); warned before the work starts, with
+    the estimate and the option that bounds N (``--max-tokens`` / ``max_tokens``)."""

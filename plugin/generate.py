@@ -375,8 +375,10 @@ class _Progress:
     def finished(self, trace: Trace, new: int) -> None:
         self.done += 1
         line = f"{self.label} {trace.id}: {len(trace)} tokens ({new} generated)"
-        if self._bar is not None:
-            self._bar.update(self._task, advance=1, rate=f"{self.rate():.1f}", eta=self.eta())
+        if self._bar is not None:  # redrawn now, not at the next 10 Hz tick
+            self._bar.update(
+                self._task, advance=1, rate=f"{self.rate():.1f}", eta=self.eta(), refresh=True
+            )
             self._bar.console.print(line)
         elif not self.quiet:
             print(line, file=sys.stderr, flush=True)

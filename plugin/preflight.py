@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ModelUnavailable, ReasondiffError
+from .metrics.defaults import MIN_ROWS_LEFT
 from .traces import MIN_TRACE_TOKENS
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ REPLAY_IGNORED = (
     "--require-models",
     "--allow-pickle",
     "--trust-remote-code",
+    "--stream-blocks",  # how weights are read, not what is measured; none are read
 )
 
 
@@ -118,24 +120,35 @@ def check_max_tokens(max_tokens: int, *, where: str = "--max-tokens") -> int:
 
 
 def check_dominant_k(
-    k: int, trace_lengths: Mapping[str, int], *, where: str = "--dominant-k"
+    k: int,
+    trace_lengths: Mapping[str, int],
+    *,
+    where: str = "--dominant-k",
+    tokens_name: str = "--max-tokens",
 ) -> None:
     """``k`` dominant tokens must leave tokens to compare in the shortest trace.
 
     ``trace_lengths`` maps a trace id to its token count (after ``--max-tokens``). The
-    ablation removes up to 2k rows (top k per side), so k must be below half the
-    shortest trace.
+    ablation removes up to 2k rows (the union of each side's top k) and CKA needs at
+    least :data:`~reasondiff.metrics.defaults.MIN_ROWS_LEFT` rows left (the same
+    constant ``metrics.dominant.cka_without`` checks), so 2k <= shortest - that minimum.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise PreflightError(f"{where} must be an integer >= 1, got {k!r}")
     if not trace_lengths:
         return
     trace, shortest = min(trace_lengths.items(), key=lambda kv: (kv[1], kv[0]))
-    if k > shortest:
+    if 2 * k > shortest - MIN_ROWS_LEFT:
+        fit = (shortest - MIN_ROWS_LEFT) // 2
+        advice = (
+            f"give {where} {fit} or less"
+            if fit >= 1
+            else f"no {where} fits: give traces of at least {MIN_ROWS_LEFT + 2} tokens"
+        )
         raise PreflightError(
-            f"{where} {k} is larger than trace {trace!r} ({shortest} tokens, after "
-            f"--max-tokens): the top-k tokens are chosen among a trace's tokens "
-            f"(give at most {shortest})"
+            f"{where} {k} is too large for trace {trace!r} ({shortest} tokens, after "
+            f"{tokens_name}): removing up to 2k = {2 * k} dominant tokens (the top {k} of "
+            f"each side) must leave at least {MIN_ROWS_LEFT} for CKA; {advice}"
         )
 
 
@@ -198,14 +211,24 @@ def max_threads(cpu_count: int | None = None) -> int:
     return MAX_THREADS_PER_CPU * max(cpus, 1)
 
 
-def check_threads(n: int, *, cpu_count: int | None = None, where: str = "--torch-threads") -> int:
-    """``n`` within 1..:func:`max_threads` (torch segfaults at exit with 100000 threads)."""
+def check_threads(
+    n: int,
+    *,
+    cpu_count: int | None = None,
+    where: str = "--torch-threads",
+    auto: str = "auto",
+) -> int:
+    """``n`` within 1..:func:`max_threads` (torch segfaults at exit with 100000 threads).
+
+    The one bound of the option (``--torch-threads``) and of ``compare(torch_threads=)``;
+    ``auto`` is how the caller spells "let torch choose" in the message.
+    """
     limit = max_threads(cpu_count)
     if not 1 <= n <= limit:
         cpus = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
         raise PreflightError(
             f"{where} {n} is out of range: give 1..{limit} ({MAX_THREADS_PER_CPU} x the "
-            f"{cpus} CPU cores), or auto".lstrip()
+            f"{cpus} CPU cores), or {auto}".lstrip()
         )
     return n
 
@@ -269,7 +292,7 @@ def check_run(
             continue  # the engine names an unreadable trace file with its line
         for t in trace_set.traces:
             lengths[f"{trace_set.name}:{t.id}"] = min(len(t.token_ids), max_tokens)
-    check_dominant_k(dominant_k, lengths, where=k_name)
+    check_dominant_k(dominant_k, lengths, where=k_name, tokens_name=tokens_name)
     note = rbf_budget_note(max(lengths.values(), default=0), bound=tokens_name)
     return [note] if note else []
 

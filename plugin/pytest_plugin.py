@@ -129,6 +129,21 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under ``-q`` or ``--no-header`` pytest prints no header: say the warnings anyway,
+    before the first test runs (the header shows them otherwise)."""
+    config = session.config
+    warnings = config.stash.get(_PREFLIGHT_KEY, [])
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if not warnings or reporter is None:
+        return
+    if reporter.showheader and not reporter.no_header:
+        return  # pytest_report_header printed them
+    for w in warnings:
+        reporter.write_line(f"reasondiff: {w}", yellow=True)
+
+
 def _session(config: pytest.Config) -> DiffSession:
     try:
         return config.stash[SESSION_KEY]

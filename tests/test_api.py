@@ -291,7 +291,10 @@ def test_a_failed_descendant_is_kept_and_the_rest_returned(toy_cache: Path, tmp_
     assert failed.error is not None and "no-such-checkpoint" in failed.error
     assert not failed.ok and not failed.cka and not failed.verdicts
     assert got.failed == [failed]
-    assert "no-such-checkpoint" in repr(got) or "1 failed" in repr(got)
+    assert repr(got) == (
+        f"<Comparison of 2 pair(s), 1 failed: {ok.info.pair_id}, {failed.info.pair_id}>"
+    )
+    assert failed.info.pair_id.endswith("no-such-checkpoint"), failed.info.pair_id
     with pytest.raises(ReasondiffError, match="no-such-checkpoint"):
         compare("toy:base", [missing], cache_dir=toy_cache, raise_on_error=True, **FAST)
 

@@ -266,14 +266,20 @@ def test_a_bundle_without_dominant_csv_or_token_columns_replays(
     assert len(got.results[0].cka) == len(results[0].cka)
 
 
-def test_a_dominant_csv_recorded_but_missing_replays_with_a_note(
+def test_a_dominant_csv_recorded_but_missing_is_named_and_replays_once_refreshed(
     written: tuple[Path, list[PairResult]],
 ) -> None:
+    """Like every listed CSV (issue 15.2): an error naming it; after a deliberate removal
+    and ``refresh_manifest`` the bundle replays without dominant rows."""
+    from reasondiff.bundle import refresh_manifest
+
     out, _ = written
     (out / "dominant.csv").unlink()
+    with pytest.raises(BundleError, match=r"dominant[.]csv: missing from the bundle"):
+        read_bundle(out)
+    refresh_manifest(out)
     got = read_bundle(out)
     assert all(r.dominant == [] for r in got.results)
-    assert any("dominant.csv: absent" in n for n in got.notes)
 
 
 @pytest.mark.parametrize(
@@ -302,8 +308,11 @@ def test_bad_token_columns_are_named(
 
 
 def test_massive_csv_is_optional(written: tuple[Path, list[PairResult]]) -> None:
+    from reasondiff.bundle import refresh_manifest
+
     out, results = written
     (out / "massive.csv").unlink()
+    refresh_manifest(out)  # removed on purpose: results.json no longer lists it
     got = read_bundle(out)
     assert all(r.massive == [] for r in got.results)
     assert len(got.results[0].cka) == len(results[0].cka)
@@ -567,8 +576,11 @@ def test_results_json_without_method_group_or_layer_count(
 
 
 def test_cka_csv_is_optional(written: tuple[Path, list[PairResult]]) -> None:
+    from reasondiff.bundle import refresh_manifest
+
     out, results = written
     (out / "cka.csv").unlink()
+    refresh_manifest(out)  # removed on purpose: results.json no longer lists it
     got = read_bundle(out).results
     assert [len(r.cka) for r in got] == [0, 0]
     assert [len(r.weights) for r in got] == [len(r.weights) for r in results]
@@ -585,6 +597,23 @@ def test_results_json_records_rows_and_checksums(written: tuple[Path, list[PairR
     assert files["weights.csv"]["rows"] == sum(len(r.weights) for r in results)
     for name, rec in files.items():
         assert rec["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(("name", "rows"), [("cka.csv", 80), ("massive.csv", None)])
+def test_a_listed_csv_that_is_absent_is_named_with_its_rows(
+    written: tuple[Path, list[PairResult]], name: str, rows: int | None
+) -> None:
+    """Issue 15.2: not a note and a "weights only" replay: the file and its expected rows."""
+    out, _ = written
+    expected = json.loads((out / "results.json").read_text())["files"][name]["rows"]
+    assert rows is None or expected == rows
+    (out / name).unlink()
+    with pytest.raises(
+        BundleError,
+        match=rf"{name.replace('.', '[.]')}: missing from the bundle, although results\.json "
+        rf"records {expected} rows for it",
+    ):
+        read_bundle(out)
 
 
 def test_csv_cut_at_a_line_boundary_names_expected_and_found_rows(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -193,17 +197,45 @@ def test_generation_resumes_after_sigkill(
     assert out.read_bytes() == fresh.read_bytes()
 
 
-def test_live_bar_on_a_terminal_keeps_the_per_trace_lines(
+def test_live_bar_on_a_terminal_shows_tokens_per_second_and_eta(
     toy_base: Path,
     problems: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from reasondiff import progress
+    """On a terminal: one bar over the problems with tokens/s and an ETA, redrawn as each
+    trace finishes, plus the per-trace lines. The bar draws on a recording rich Console;
+    the clock moves 10 s per batch, so rate and ETA are known."""
+    import rich.console
+
+    from reasondiff import decode, progress
 
     monkeypatch.setattr(progress, "live_bar_wanted", lambda *a, **k: True)
+    screen = rich.console.Console(
+        file=io.StringIO(), force_terminal=True, record=True, width=120, markup=False
+    )
+    monkeypatch.setattr(rich.console, "Console", lambda *a, **k: screen)
+    now = [0.0]
+    monkeypatch.setattr(generate, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    real = decode.TransformersBackend.generate
+
+    def ten_seconds(self: Any, prompts: Any, on_tokens: Any = None) -> Any:
+        out = real(self, prompts, on_tokens)
+        now[0] += 10.0
+        return out
+
+    monkeypatch.setattr(decode.TransformersBackend, "generate", ten_seconds)
     out = tmp_path / "set.jsonl"
-    assert generate.main(_argv(toy_base, problems, out, "--limit", "2")) == 0
-    err = capsys.readouterr().err
-    assert "set q0: " in err and "set q1: " in err and f"wrote 2 traces to {out}" in err
+    argv = _argv(toy_base, problems, out, "--limit", "3", "--batch-size", "1")
+    assert generate.main(argv) == 0
+    assert f"wrote 3 traces to {out}" in capsys.readouterr().err
+    shown = screen.export_text()
+    done = re.findall(r"set (q\d): \d+ tokens \((\d+) generated\)\n", shown)
+    assert sorted(q for q, _ in done) == ["q0", "q1", "q2"]  # longest prompt first
+    made = [int(n) for _, n in done]
+    bars = set(re.findall(r"set \S+ (\d)/3 (-|\d+\.\d) tok/s  ETA (-|\d+:\d\d:\d\d)", shown))
+    for k in (1, 2, 3):  # after the k-th trace: k x 10 s, tokens so far, 10 s per trace left
+        rate = f"{sum(made[:k]) / (10 * k):.1f}"
+        assert (str(k), rate, f"0:00:{10 * (3 - k):02d}") in bars, (k, bars)
+    assert float(rate) > 0

@@ -10,12 +10,14 @@ not vLLM: the backend itself is verified only where vLLM runs.
 from __future__ import annotations
 
 import json
+import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+import torch
 
 from reasondiff import generate
 from reasondiff.decode import Decoding, VllmBackend
@@ -72,11 +74,29 @@ class FakeLLM:
         return out  # vLLM returns outputs in request order
 
 
+class LLM(FakeLLM):
+    """``vllm.LLM`` as ``VllmBackend.load`` builds it: ``LLM(model=..., tokenizer=...,
+    dtype=..., seed=...)``; its engine reports the dtype it chose, as vLLM's does
+    (``llm.llm_engine.model_config.dtype``, a torch dtype)."""
+
+    made: ClassVar[list[LLM]] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.kwargs = kwargs
+        model_config = types.SimpleNamespace(dtype=torch.bfloat16)
+        self.llm_engine = types.SimpleNamespace(model_config=model_config)
+        LLM.made.append(self)
+
+
 @pytest.fixture
 def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """A stand-in ``vllm`` module in ``sys.modules``: ``import vllm`` finds it."""
     module = types.ModuleType("vllm")
     module.SamplingParams = SamplingParams  # type: ignore[attr-defined]
-    monkeypatch.setitem(__import__("sys").modules, "vllm", module)
+    module.LLM = LLM  # type: ignore[attr-defined]
+    monkeypatch.setattr(LLM, "made", [])
+    monkeypatch.setitem(sys.modules, "vllm", module)
     return module
 
 
@@ -143,7 +163,7 @@ def test_vllm_trace_set_header_and_resume(
 def test_backend_vllm_without_vllm_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(__import__("sys").modules, "vllm", None)  # import vllm -> ImportError
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     toy = ensure_toy_model(tmp_path / "toy", "base")
     problems = tmp_path / "p.jsonl"
     problems.write_text('{"problem": "1 + 1?"}\n')
@@ -152,3 +172,55 @@ def test_backend_vllm_without_vllm_is_a_clear_error(
     err = capsys.readouterr().err
     assert "--backend vllm needs the optional 'vllm' package" in err
     assert "reasondiff[vllm]" in err and "--backend transformers" in err
+
+
+def test_load_builds_the_llm_on_the_checkpoint(fake_vllm: types.ModuleType) -> None:
+    backend = VllmBackend.load("/models/m", dtype="auto", decoding=Decoding(max_new_tokens=7))
+    (llm,) = LLM.made
+    assert backend.llm is llm
+    assert llm.kwargs == {
+        "model": "/models/m",
+        "tokenizer": "/models/m",
+        "dtype": "auto",
+        "seed": 0,
+    }
+    assert (backend.params.temperature, backend.params.max_tokens) == (0, 7)
+    assert backend.dtype == "bfloat16"  # what the engine chose, without the torch. prefix
+    assert backend.generate([[1, 5, 6]]) == [(22, 23, 24, EOS)]
+
+
+def test_cli_backend_vllm_loads_vllm_and_writes_its_traces(
+    fake_vllm: types.ModuleType, tmp_path: Path
+) -> None:
+    """``reasondiff-traces --backend vllm`` end to end, through the real backend loader."""
+    toy = ensure_toy_model(tmp_path / "toy", "base")
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"problem": f"{i} + {i}?"}) + "\n" for i in range(3)))
+    out = tmp_path / "v.jsonl"
+    argv = ["--model", str(toy), "--problems", str(problems), "--backend", "vllm"]
+    argv += ["--max-new-tokens", "6", "--out", str(out), "--quiet"]
+    assert generate.main(argv) == 0
+    (llm,) = LLM.made  # loaded once, on the checkpoint directory, with --dtype's value
+    assert llm.kwargs == {"model": str(toy), "tokenizer": str(toy), "dtype": "auto", "seed": 0}
+    ((sent, params),) = llm.calls  # auto batch for vLLM: all 3 prompts in one call
+    assert (params.temperature, params.max_tokens) == (0, 6)
+    header = json.loads(out.read_text().splitlines()[0])
+    assert (header["backend"], header["dtype"], header["batch_size"]) == ("vllm", "bfloat16", 3)
+    tok = generate.load_tokenizer(str(toy))
+    ts = load_trace_set(out)
+    assert [t.id for t in ts.traces] == ["p000", "p001", "p002"]
+    for i, trace in enumerate(ts.traces):
+        prompt = generate.build_prompt_ids(tok, f"{i} + {i}?")
+        assert {"prompt_token_ids": prompt} in sent
+        cont = trace.token_ids[len(prompt) :]
+        assert trace.token_ids[: len(prompt)] == tuple(prompt)
+        s = sum(prompt)  # the double's continuation rule (FakeLLM.generate), max_tokens 6
+        want = [10 + (s + k) % 40 for k in range(3 + s % 4)]
+        assert list(cont) == (want if len(want) == 6 else [*want, EOS])
+
+
+def test_load_without_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(ReasondiffError, match=r"optional 'vllm' package") as info:
+        VllmBackend.load("/models/m", dtype="auto", decoding=Decoding(max_new_tokens=7))
+    assert "reasondiff[vllm]" in str(info.value)

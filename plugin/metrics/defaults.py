@@ -31,6 +31,10 @@ SFT_RL_RATIO = 2.0
 MAX_TOKENS = 4096
 #: top-k tokens per side whose union U is the dominant datapoints (METHODS §5)
 DOMINANT_K = 10
+#: fewest rows an ablated CKA may be computed on (the unbiased estimator needs N >= 4):
+#: the ablation (``metrics.dominant.cka_without``) and the up-front ``--dominant-k`` check
+#: (``preflight.check_dominant_k``) both read it here
+MIN_ROWS_LEFT = 4
 #: bootstrap resamples (curve intervals over traces, medians over matrices)
 BOOTSTRAP = 1000
 #: massive activations (Sun et al.): |a| above this and above MASSIVE_RATIO x median |a|

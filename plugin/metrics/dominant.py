@@ -20,14 +20,20 @@ import torch
 from ..errors import MetricInputError
 from ._validate import Indices, Matrix, as_indices, as_pair, check_k
 from .cka import linear_cka
+from .defaults import MIN_ROWS_LEFT
 from .pca import pc1_projection
 from .prepared import CkaStats, linear_cka_prepared
 from .rbf import rbf_cka
 
 Tensor = torch.Tensor
 
-#: Fewest rows an ablated CKA may be computed on (the unbiased estimator needs N >= 4).
-MIN_ROWS_LEFT = 4
+__all__ = [
+    "MIN_ROWS_LEFT",
+    "cka_without",
+    "dominant_datapoints",
+    "projection_norm_correlation",
+    "top_norm_overlap",
+]
 
 
 def _top(p: Tensor, k: int) -> Tensor:

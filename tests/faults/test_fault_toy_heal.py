@@ -82,3 +82,51 @@ def test_a_users_truncated_checkpoint_still_says_re_download(
     truncate_file(shard, keep=0.5)
     with pytest.raises(ModelLoadError, match="re-download it"):
         load_model(mine)
+
+
+def test_a_pre_manifest_marker_counts_as_unverified_and_is_rebuilt(fresh_root: Path) -> None:
+    """A toy cache built before manifests existed: its truncated shard is not "re-download"."""
+    path = toy.ensure_toy_model(fresh_root, "copy")
+    shard = _shard(path)
+    good = shard.read_bytes()
+    marker = path / toy.MARKER
+    info = json.loads(marker.read_text())
+    del info["files"]  # as the build wrote it before the manifest existed
+    marker.write_text(json.dumps(info, indent=2) + "\n")
+    truncate_file(shard, keep=0.5)
+    toy._VERIFIED.clear()  # a new run
+
+    again = toy.ensure_toy_model(fresh_root, "copy")
+    assert again == path and shard.read_bytes() == good
+    assert shard.name in json.loads(marker.read_text())["files"]  # verified from now on
+    (note,) = toy.drain_notes()
+    assert note == (
+        f"toy checkpoint {path} was unverified: its {toy.MARKER} predates the build manifest "
+        "(no file sizes or hashes to check its files against); rebuilt it"
+    )
+
+
+def test_compare_surfaces_the_toy_rebuild_notes(
+    fresh_root: Path, tmp_path: Path, toy_traces: Path
+) -> None:
+    from _faultkit import small_trace_file
+
+    from reasondiff import compare
+    from reasondiff.fixtures.toy_traces import TOY_VERSION
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.move(fresh_root, cache / "toy")  # compare()'s toy root: <cache_dir>/toy
+    shard = _shard(cache / "toy" / TOY_VERSION / "copy")
+    truncate_file(shard, keep=0.5)
+    toy._VERIFIED.clear()
+    traces = small_trace_file(toy_traces, tmp_path / "t.jsonl", count=2)
+
+    got = compare(
+        "toy:base", ["toy:copy"], traces=traces, cache_dir=cache, max_tokens=32,
+        bootstrap=20, torch_threads=1,
+    )  # fmt: skip
+    assert got[0].error is None, got[0].error
+    rebuilt = [n for n in got.notes if "failed its manifest" in n]
+    assert len(rebuilt) == 1 and shard.name in rebuilt[0] and "rebuilt it" in rebuilt[0]
+    assert toy.drain_notes() == []  # handed over, not left for another run
