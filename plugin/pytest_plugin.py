@@ -428,7 +428,9 @@ def _write_outputs(ds: DiffSession, out_dir: Path) -> None:
     )
     source = getattr(ds, "bundle", None)
     if source is None:
-        config["trace_hashes"] = ds.engine.trace_hashes()
+        engine = getattr(ds, "engine", None)  # what a merge checks the trace sets by
+        if engine is not None:
+            config["trace_hashes"] = engine.trace_hashes()
     else:
         # A replay measured nothing: how the numbers were made is the bundle's config,
         # never this machine's --device / --dtype (issue 15.3).
