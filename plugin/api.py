@@ -252,6 +252,7 @@ def compare_with_engine(
         cache=engine.stats,
         stage_seconds=engine.stage_seconds,
         notes=engine.notes,
+        trace_hashes=engine.trace_hashes() if any(r.error is None for r in results) else None,
     )
     return comparison, engine
 
@@ -373,8 +374,10 @@ class Comparison(Sequence[PairResult]):
         cache: CacheStats,
         stage_seconds: Mapping[str, float],
         notes: Sequence[str],
+        trace_hashes: Mapping[str, str] | None = None,
     ) -> None:
         self._results = list(results)
+        self._trace_hashes = dict(trace_hashes or {})  # for the bundle (merge checks)
         self.options = finding_options
         self.config = config
         self.cache = cache
@@ -574,6 +577,8 @@ class Comparison(Sequence[PairResult]):
         config = dict(self.config)
         config["dtype_resolved"] = dtypes_from_notes(n for r in ok for n in r.notes)
         config["trace_generators"] = generators_from_notes(n for r in ok for n in r.notes)
+        if self._trace_hashes:
+            config["trace_hashes"] = dict(self._trace_hashes)
         verdicts = [v for v in self.verdicts() if not _is_failed_subject(v, self.failed)]
         write_bundle(out, ok, verdicts, config=config)
         try:

@@ -102,6 +102,19 @@ def dtype_note(
     )
 
 
+def pair_dtypes_from_notes(notes: Iterable[str], *, base: str, descendant: str) -> dict[str, str]:
+    """``{model key: dtype}`` of one pair from its :func:`dtype_note`: what a merge of
+    bundles compares per model (one model measured in two dtypes was not measured alike)."""
+    for note in notes:
+        m = _NOTE.match(note)
+        if m is None:
+            continue
+        if m.group("both"):
+            return {base: m.group("both"), descendant: m.group("both")}
+        return {base: m.group("base"), descendant: m.group("desc")}
+    return {}
+
+
 def dtypes_from_notes(notes: Iterable[str]) -> dict[str, Any]:
     """The dtypes recorded by :func:`dtype_note` in ``notes``: for the bundle's config.
 

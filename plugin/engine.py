@@ -140,6 +140,17 @@ class Engine:
             self._sources = out
         return self._sources
 
+    def trace_hashes(self) -> dict[str, str]:
+        """``{trace set name: content hash}`` (ids and token ids, as the cache keys use):
+        the bundle records it so a merge refuses shards that measured different traces
+        under one name. Empty when the trace sets cannot be read."""
+        from .traces import trace_set_hash
+
+        try:
+            return {src.name: trace_set_hash(src.trace_set) for src in self.sources()}
+        except (ReasondiffError, OSError, ValueError):  # the pairs' own errors say why
+            return {}
+
     @property
     def forwards(self) -> int:
         """Model forwards run by this engine (all passes)."""
@@ -212,6 +223,7 @@ class Engine:
                 partial(self._key_on, src),
                 layers,
                 partial(self._run_pass, pair, src, layers, num_layers),
+                self._token_counts(src),
             )
             namer = self._token_namer(pair, src, result.notes)
             for tid in manifest["traces"]:
@@ -351,6 +363,12 @@ class Engine:
             version=METRICS_VERSION,
             **rbf_median_key(c.rbf_median),
         )
+
+    def _token_counts(self, src: TraceSource) -> list[int]:
+        """Tokens per trace after ``--max-tokens``: the estimate a streamed pass's memory
+        bound is claimed by (re-tokenization for another tokenizer may shift it a little)."""
+        cap = self.config.max_tokens
+        return [min(len(t), cap) if cap else len(t) for t in src.trace_set.traces]
 
     def _key_on(self, src: TraceSource, pair: PairSpec) -> str:
         return self.pair_key(pair, src)

@@ -442,13 +442,17 @@ def _write_outputs(ds: DiffSession, out_dir: Path) -> None:
         n for r in ds.ordered_results() for n in r.notes
     )
     source = getattr(ds, "bundle", None)
-    if source is not None:
+    if source is None:
+        engine = getattr(ds, "engine", None)  # what a merge checks the trace sets by
+        if engine is not None:
+            config["trace_hashes"] = engine.trace_hashes()
+    else:
         # A replay measured nothing: how the numbers were made is the bundle's config,
         # never this machine's --device / --dtype (issue 15.3).
         from .preflight import REPLAY_REFUSED
 
         measured = {flag.lstrip("-").replace("-", "_") for flag in REPLAY_REFUSED}
-        for key in measured | {"dtype_resolved", "trace_generators"}:
+        for key in measured | {"dtype_resolved", "trace_generators", "trace_hashes"}:
             if key in source.config:
                 config[key] = source.config[key]
             else:

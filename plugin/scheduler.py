@@ -2,7 +2,10 @@
 
 A process that needs a pair on a trace set claims it with a non-blocking file lock, and
 with it up to ``ceil(k / workers) - 1`` of the base's other uncomputed descendants (as
-many as fit in memory and ``pass_size``), and scores them in one pass. A pair claimed by
+many as fit in memory and ``pass_size``), and scores them in one pass. "Fit" is measured
+the way the pass will hold them: whole model sizes for a whole pass, the streamed bound
+(one block per model + one layer of hidden states) for a pass that will stream, so an
+over-budget group streams in one pass and each checkpoint is read once per run. A pair claimed by
 another process is waited for and read; if that process died or failed, it is computed
 here, alone. So a base with k descendants costs at most k + workers forwards per trace.
 """
@@ -11,12 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ReasondiffError
 from .metric_store import Found, MetricStore, blocking_lock, release, try_lock
 from .registry import PairSpec
-from .scoring import Job, PassOutcome
+from .scoring import Job, PassOutcome, stream_blocker, streamed_pass_bytes
 
 if TYPE_CHECKING:
     from .engine_config import EngineConfig
@@ -51,13 +55,15 @@ class Scheduler:
         key_of: Callable[[PairSpec], str],
         layers: list[int],
         run_pass: RunPass,
+        token_counts: Sequence[int] = (),
     ) -> Found:
-        """(manifest, entries) of ``pair``: from memory, the cache, a pass, or a wait."""
+        """(manifest, entries) of ``pair``: from memory, the cache, a pass, or a wait.
+        ``token_counts`` (tokens per trace, an estimate) sizes streamed passes."""
         key = key_of(pair)
         found = self.store.known(key, layers)
         if found is not None:
             return found
-        claimed = self.claim(pair, mates, key_of, layers)
+        claimed = self.claim(pair, mates, key_of, layers, token_counts)
         try:
             outcome = run_pass([job for job, _ in claimed]) if claimed else PassOutcome()
         finally:
@@ -88,19 +94,17 @@ class Scheduler:
         mates: Sequence[PairSpec],
         key_of: Callable[[PairSpec], str],
         layers: list[int],
+        token_counts: Sequence[int] = (),
     ) -> list[tuple[Job, Any]]:
-        """Lock the requested pair and up to ceil(k / workers) - 1 uncomputed siblings."""
+        """Lock the requested pair and up to ceil(k / workers) - 1 uncomputed siblings,
+        as many as fit the memory budget the way the pass will hold them (:meth:`_fits`)."""
         share = max(1, math.ceil((len(mates) + 1) / max(1, self.worker_count or 1)))
         if self.config.pass_size is not None:
             share = min(share, self.config.pass_size)
-        # A streamed pass holds one block per model, not whole models: no budget to claim by.
-        budget = None if self.config.stream_blocks else self.pool.memory_budget()
-        base_key = pair.base.key
-        resident = (
-            0
-            if self.pool.is_loaded(base_key)
-            else self.pool.model_bytes(self.pool.resolve(pair.base))
-        )
+        budget = self.pool.memory_budget()
+        base_dir = self.pool.resolve(pair.base)
+        models = [(pair.base.key, base_dir)]
+        resident = 0 if self.pool.is_loaded(pair.base.key) else self.pool.model_bytes(base_dir)
         claimed: list[tuple[Job, Any]] = []
         for p in [pair, *mates]:
             if len(claimed) >= share:
@@ -122,10 +126,31 @@ class Scheduler:
             if self.store.known(key, layers) is not None:
                 release(lock)
                 continue
-            size = self.pool.model_bytes(desc_dir)
-            if claimed and budget is not None and resident + size > budget:
+            dkey = p.descendant.key
+            size = 0 if self.pool.is_loaded(dkey) else self.pool.model_bytes(desc_dir)
+            with_it = [*models, (dkey, desc_dir)]
+            if claimed and not self._fits(with_it, resident + size, budget, token_counts):
                 release(lock)  # would not fit beside the others: a later pass takes it
                 break
             resident += size
+            models = with_it
             claimed.append((Job(pair=p, key=key, desc_dir=desc_dir), lock))
         return claimed
+
+    def _fits(
+        self,
+        models: list[tuple[str, Path]],
+        whole_bytes: int,
+        budget: int | None,
+        token_counts: Sequence[int],
+    ) -> bool:
+        """Whether one pass over ``models`` (base first) fits ``budget``. The pass streams
+        (``ScoringPass._streaming``) under ``stream_blocks`` or when the whole models do
+        not fit, if every model can stream; it then holds the streamed bound, not the
+        models, so that bound is what must fit. Otherwise the whole models must."""
+        if budget is None:
+            return True
+        streams = self.config.stream_blocks or whole_bytes > budget
+        if streams and stream_blocker(self.pool, models) is None:
+            return streamed_pass_bytes(self.pool, models, token_counts) <= budget
+        return whole_bytes <= budget

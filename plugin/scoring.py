@@ -162,9 +162,6 @@ class ScoringPass:
         """Whether this pass streams blocks: ``stream_blocks``, or its models (those not
         loaded yet) do not fit the memory budget. A model that cannot stream (architecture,
         pickle weights) keeps the pass whole; each decision is a run note."""
-        from .models import checkpoint_files
-        from .streaming import supports_streaming
-
         dirs = [(base.key, base_dir)]
         dirs += [(w.job.pair.descendant.key, w.job.desc_dir) for w in live]
         if self.config.stream_blocks:
@@ -178,13 +175,11 @@ class ScoringPass:
                 f"the models of the pass over {base.key} ({_gib(need)}) do not fit the "
                 f"memory budget ({_gib(budget)})"
             )
-        for key, path in dirs:
-            ok, reason = supports_streaming(self.pool.read_config(path, key))
-            if ok and checkpoint_files(path, allow_pickle=True, name=key).format != "safetensors":
-                ok, reason = False, "pickle weights cannot be read block by block"
-            if not ok:
-                self.log.note(f"not streaming blocks ({why}): model {key}: {reason}")
-                return False
+        blocker = stream_blocker(self.pool, dirs)
+        if blocker is not None:
+            key, reason = blocker
+            self.log.note(f"not streaming blocks ({why}): model {key}: {reason}")
+            return False
         self.log.note(f"streaming blocks: {why}")
         if self.config.keep_activations:
             self.log.note("--keep-activations: streamed passes do not store hidden states")
@@ -359,6 +354,37 @@ class ScoringPass:
     def _form(self) -> Form:
         """N x N Gram matrices on a GPU (shared base kernels); today's auto form on CPU."""
         return "gram" if self.pool.device.startswith("cuda") else "auto"
+
+
+def stream_blocker(pool: ModelPool, dirs: Sequence[tuple[str, Path]]) -> tuple[str, str] | None:
+    """The first model of ``dirs`` (``(key, dir)``) that cannot be block-streamed and why,
+    or None when all can. One rule for the pass's decision and the scheduler's claim, so
+    a claim sized for a streamed pass is never run whole."""
+    from .models import checkpoint_files
+    from .streaming import supports_streaming
+
+    for key, path in dirs:
+        ok, reason = supports_streaming(pool.read_config(path, key))
+        if ok and checkpoint_files(path, allow_pickle=True, name=key).format != "safetensors":
+            ok, reason = False, "pickle weights cannot be read block by block"
+        if not ok:
+            return key, reason
+    return None
+
+
+def streamed_pass_bytes(
+    pool: ModelPool, dirs: Sequence[tuple[str, Path]], token_counts: Sequence[int]
+) -> int:
+    """What a streamed pass over ``dirs`` holds at most (:func:`reasondiff.streaming.memory_bound`
+    at the pass's widest dtype): the scheduler claims descendants by this, not by whole
+    model sizes, when the pass will stream."""
+    from .models import torch_dtype
+    from .streaming import memory_bound
+
+    configs = [pool.read_config(path, key) for key, path in dirs]
+    dtypes = [torch_dtype(pool.dtype_for(path)) for _, path in dirs]
+    widest = max(dtypes, key=lambda d: d.itemsize)
+    return memory_bound(configs, token_counts, dtype=widest).total
 
 
 def _gib(n: int) -> str:

@@ -29,7 +29,7 @@ whole-model passes. No pytest, no caching, no metric math.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -242,6 +242,32 @@ def _checked(states: dict[str, list[torch.Tensor]], key: str) -> dict[str, list[
     return out
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another libc, another OS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def _return_freed_memory() -> None:
+    """Give the freed block's pages back to the OS. Why: glibc serves tensors under its
+    mmap threshold (up to 32 MiB) from heap arenas and keeps them after ``free``; with
+    several intra-op threads the arenas fragment and a streamed pass's RSS grew by about
+    1.5 blocks per block (measured: 8 threads, 8 blocks of 11.5 MiB, +144 MiB), so the
+    bound would not hold. ``malloc_trim(0)`` releases free pages of every arena."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 class _Stop(Exception):
     """Raised by the last recorder: the recorder pass needs nothing after the blocks."""
 
@@ -382,6 +408,7 @@ class _ModelRun:
             return states
         finally:
             module.to("meta")
+            _return_freed_memory()
 
     @torch.no_grad()
     def final_norm(self, states: list[torch.Tensor], store: str) -> list[torch.Tensor]:

@@ -4,8 +4,17 @@ Instrumented at the I/O boundary, not inside weightdiff.py, so the test holds fo
 implementation: every ``os.preadv`` is mapped (file, byte range) to the tensors it
 touches, and every tensor returned by ``safe_open(...).get_tensor`` is tracked until it
 is garbage. A tensor is *held* from its first read to its last read (pread) or while
-its returned object lives (safe_open). A negative control (``load_file`` of both
-checkpoints) shows that the probe sees a whole-checkpoint reader.
+its returned object lives (safe_open).
+
+Read times alone cannot see a reader that preads every tensor into a buffer of its own
+and keeps them all, so the probe also tracks the *buffers* reads land in: Python buffers
+(``bytearray``, what weightdiff reads into) through ``tracemalloc``, torch-owned ones
+(``torch.empty`` storage, what block_reader reads into) through a storage weak
+reference. At each read it sums the bytes of read buffers still alive; a reader within
+the rule never has more alive than the two largest tensors (one per checkpoint).
+Negative controls keep every tensor (safe_open, Python buffers, torch buffers) and are
+caught. The same probe runs through a streamed ``compare``: its weight-diff stage obeys
+the rule, and its block stage holds one block's buffers at a time.
 """
 
 from __future__ import annotations
@@ -14,18 +23,28 @@ import gc
 import json
 import os
 import struct
+import tracemalloc
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import safetensors
 import torch
 from _checkpoints import make_qwen2, shard_checkpoint
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import reasondiff.weightdiff as weightdiff
+from reasondiff.block_reader import SafetensorsReader
 from reasondiff.weightdiff import stream_weight_diff
+
+#: Python allocations of the diff besides its read buffers: the index of both
+#: checkpoints' ~200 tensors (header dicts, offsets) and the records, measured 130 KiB at
+#: the peak read (tracemalloc by line: the two read buffers were 2 x 64 KiB, the rest
+#: weightdiff's index). A kept checkpoint (2 MB) is far above 2 tensors + this.
+SLACK = 256 * 2**10
 
 
 def _ranges(f: Path) -> list[tuple[int, int, str]]:
@@ -47,10 +66,49 @@ class _Probe:
     """Timeline of held tensors: ``(checkpoint dir, tensor)`` -> [first event, last event]."""
 
     def __init__(self, files: list[Path]):
-        self.ranges = {str(f.resolve()): _ranges(f) for f in files}
+        self.ranges: dict[str, list[tuple[int, int, str]]] = {}
         self.clock = 0
         self.spans: dict[tuple[str, str], list[int]] = {}
         self.reads = 0
+        self.add_files(files)
+        # live read buffers: torch storages by data pointer, Python bytes via tracemalloc
+        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.py_base: int | None = None
+        self.max_live = self.max_torch = self.max_py = 0
+
+    def add_files(self, files: list[Path]) -> None:
+        self.ranges.update({str(f.resolve()): _ranges(f) for f in files})
+
+    def trace_python(self, on: bool) -> None:
+        """Count Python-allocated buffers (tracemalloc) from now on, or stop."""
+        if on:
+            tracemalloc.start()
+            self.py_base = tracemalloc.get_traced_memory()[0]
+        elif self.py_base is not None:
+            tracemalloc.stop()
+            self.py_base = None
+
+    def reset_live(self) -> None:
+        self.storages.clear()
+        self.max_live = self.max_torch = self.max_py = 0
+
+    def _sample(self) -> None:
+        """Bytes of read buffers alive now (buffers of reads still referenced anywhere)."""
+        torch_live = sum(n for ref, n in self.storages.values() if not ref.expired())
+        py = 0
+        if self.py_base is not None:
+            py = max(0, tracemalloc.get_traced_memory()[0] - self.py_base)
+        self.max_torch = max(self.max_torch, torch_live)
+        self.max_py = max(self.max_py, py)
+        self.max_live = max(self.max_live, torch_live + py)
+
+    def _register(self, buffer: Any) -> None:
+        """Track a torch-owned destination buffer (numpy view of a tensor) by its storage."""
+        owner = memoryview(buffer).obj
+        base = getattr(owner, "base", None) if isinstance(owner, np.ndarray) else None
+        if isinstance(base, torch.Tensor):
+            storage = base.untyped_storage()
+            self.storages[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
 
     def _touch(self, key: tuple[str, str]) -> None:
         self.clock += 1
@@ -61,6 +119,9 @@ class _Probe:
         path = os.path.realpath(f"/proc/self/fd/{fd}")
         size = sum(len(memoryview(b)) for b in buffers)
         self.reads += 1
+        for b in buffers:
+            self._register(b)
+        self._sample()
         for start, end, name in self.ranges.get(path, []):
             if start < offset + size and offset < end:
                 self._touch((str(Path(path).parent), name))
@@ -84,8 +145,11 @@ class _Probe:
 
 @pytest.fixture
 def probe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[_Probe]:
-    base = make_qwen2(tmp_path / "base", seed=0)
-    desc = shard_checkpoint(make_qwen2(tmp_path / "d", seed=1), tmp_path / "desc", shards=3)
+    # 8 blocks, hidden 64: a checkpoint (2.1 MB) is many times two tensors (64 KiB each)
+    shape = {"num_hidden_layers": 8, "hidden_size": 64, "intermediate_size": 256}
+    base = make_qwen2(tmp_path / "base", seed=0, **shape)
+    desc = make_qwen2(tmp_path / "d", seed=1, **shape)
+    desc = shard_checkpoint(desc, tmp_path / "desc", shards=3)
     files = sorted(base.glob("*.safetensors")) + sorted(desc.glob("*.safetensors"))
     p = _Probe(files)
     real_preadv = os.preadv
@@ -120,7 +184,22 @@ def probe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[_Probe]:
     monkeypatch.setattr(safetensors, "safe_open", TrackedOpen)
     p.dirs = (base, desc)  # type: ignore[attr-defined]
     yield p
+    p.trace_python(False)
     gc.collect()
+
+
+def _largest(d: Path) -> int:
+    """Bytes of the largest tensor of a checkpoint directory."""
+    return max(end - start for f in d.glob("*.safetensors") for start, end, _ in _ranges(f))
+
+
+def _total(d: Path) -> int:
+    return sum(end - start for f in d.glob("*.safetensors") for start, end, _ in _ranges(f))
+
+
+def _limit(base: Path, desc: Path) -> int:
+    """Two tensors at once: the largest of each checkpoint, plus the diff's own objects."""
+    return _largest(base) + _largest(desc) + SLACK
 
 
 def test_weight_diff_holds_at_most_one_pair(probe: _Probe) -> None:
@@ -132,6 +211,102 @@ def test_weight_diff_holds_at_most_one_pair(probe: _Probe) -> None:
     total, per_ckpt = probe.max_held()
     assert per_ckpt == 1, f"a checkpoint had {per_ckpt} tensors held at once"
     assert total <= 2, f"{total} tensors held at once"
+
+
+def test_weight_diff_read_buffers_stay_within_two_tensors(probe: _Probe) -> None:
+    base, desc = probe.dirs  # type: ignore[attr-defined]
+    probe.trace_python(True)
+    stream_weight_diff(base, desc, base_name="b", desc_name="d")
+    probe.trace_python(False)
+    assert probe.reads > 40
+    print(
+        f"weight diff: {probe.max_live} B of read buffers alive at most ({probe.max_py} B "
+        f"Python), limit {_limit(base, desc)} B, checkpoints {_total(base)} B each"
+    )
+    assert probe.max_live <= _limit(base, desc), (probe.max_live, _limit(base, desc))
+    assert _total(base) + _total(desc) > 4 * _limit(base, desc)  # a kept checkpoint shows
+
+
+def test_the_probe_sees_a_reader_that_keeps_python_buffers(probe: _Probe) -> None:
+    """Negative control: every tensor pread into a bytearray of its own, all kept. Each
+    tensor is read once, so read times alone (max_held) would let it pass."""
+    base, desc = probe.dirs  # type: ignore[attr-defined]
+    probe.trace_python(True)
+    kept = []
+    for f in sorted(base.glob("*.safetensors")) + sorted(desc.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            for start, end, _ in _ranges(f):
+                buf = bytearray(end - start)
+                os.preadv(fh.fileno(), [memoryview(buf)], start)
+                kept.append(buf)
+    probe.trace_python(False)
+    assert probe.max_held() == (1, 1)  # the old probe's verdict: nothing held
+    assert probe.max_live > _limit(base, desc), probe.max_live
+    assert probe.max_py >= 0.9 * (_total(base) + _total(desc)) - max(map(len, kept))
+    del kept
+
+
+def test_the_probe_sees_a_reader_that_keeps_torch_buffers(probe: _Probe) -> None:
+    """Negative control: block streaming's reader (torch-owned buffers) reading both
+    checkpoints whole and keeping the tensors."""
+    base, desc = probe.dirs  # type: ignore[attr-defined]
+    kept = []
+    for d in (base, desc):
+        reader = SafetensorsReader(d, name=d.name)
+        kept += [reader.read(name) for name in reader.entries]
+    probe._sample()
+    assert probe.max_torch > _limit(base, desc), probe.max_torch
+    assert probe.max_torch >= _total(base) + _total(desc) - max(t.nbytes for t in kept)
+    del kept
+    gc.collect()
+    probe._sample()
+    assert sum(n for r, n in probe.storages.values() if not r.expired()) == 0  # all freed
+
+
+def test_a_streamed_compare_obeys_the_rule(
+    probe: _Probe, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The probe through ``compare(stream_blocks=True)`` on a toy pair: the weight-diff
+    stage holds at most one tensor per checkpoint and two tensors' buffers; the block
+    stage holds the buffers of one block at a time (never a checkpoint)."""
+    from reasondiff.api import compare
+    from reasondiff.fixtures.toy import ensure_toy_model
+
+    dirs = [ensure_toy_model(tmp_path / "toy", r) for r in ("base", "massive")]
+    probe.add_files([f for d in dirs for f in d.glob("*.safetensors")])
+    stages: dict[str, tuple[int, int, tuple[int, int]]] = {}
+    real = weightdiff.stream_weight_diff
+
+    def probed(*args: Any, **kwargs: Any) -> Any:
+        probe.reset_live()
+        probe.spans.clear()
+        probe.trace_python(True)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            probe.trace_python(False)
+            stages["weights"] = (probe.max_live, probe.max_py, probe.max_held())
+            probe.reset_live()
+            probe.spans.clear()
+
+    monkeypatch.setattr(weightdiff, "stream_weight_diff", probed)
+    compare(
+        "toy:base",
+        ["toy:massive"],
+        cache_dir=tmp_path,
+        raise_on_error=True,
+        stream_blocks=True,
+        layers=[0],
+        bootstrap=20,
+        torch_threads=1,
+    )
+    live, _py, (total, per_ckpt) = stages["weights"]
+    assert per_ckpt == 1 and total <= 2, (total, per_ckpt)
+    assert live <= _limit(*dirs), (live, _limit(*dirs))
+    reader = SafetensorsReader(dirs[0], name="base")
+    block = sum(e.nbytes for k, e in reader.entries.items() if k.startswith("model.layers.0."))
+    assert probe.reads > 0 and 0 < probe.max_torch <= block, (probe.max_torch, block)
+    assert probe.max_torch < _total(dirs[0]) / 4
 
 
 def test_the_probe_sees_a_whole_checkpoint_reader(probe: _Probe) -> None:

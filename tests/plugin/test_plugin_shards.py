@@ -83,7 +83,11 @@ def test_shards_are_disjoint_complete_and_merge_to_the_unsplit_verdicts(
     pair_tests = {k for k in unsplit if "[base:" not in k}
     assert not set(shard_tests[0]) & set(shard_tests[1])  # disjoint
     assert set(shard_tests[0]) | set(shard_tests[1]) == pair_tests  # complete
-    assert all(shard_tests[0]) and all(shard_tests[1])
+    # each pair test has the outcome it has in the unsplit run, and none failed
+    for outcomes in shard_tests:
+        assert outcomes == {k: unsplit[k] for k in outcomes}
+        bad = {k: o for k, o in outcomes.items() if o in ("failure", "error")}
+        assert not bad, bad
 
     ret, out, merged = run(
         project, tmp_path, "--from-results", "s1", "s2", "--report-dir", "merged"
@@ -93,6 +97,39 @@ def test_shards_are_disjoint_complete_and_merge_to_the_unsplit_verdicts(
     want = verdicts(project / "r0")
     assert any(v[0] == "sft_more_than_rl" for v in want)
     assert verdicts(project / "merged") == want
+
+
+def test_live_shards_merge_to_the_unsplit_run(
+    project: Path, full: Path, shared_diff_cache: Path
+) -> None:
+    """Two LIVE ``--shard i/2`` runs (models, not a replay; the shared cache is warm, so
+    they read metric entries rather than recompute them) merge to the unsplit run's
+    verdicts, group findings included."""
+    unsplit_pairs = {r["info"]["pair_id"] for r in _pairs(full)}
+    held: list[set[str]] = []
+    for i in (1, 2):
+        ret, out, outcomes = run(
+            project, shared_diff_cache, "--shard", f"{i}/2", "--report-dir", f"live{i}"
+        )
+        assert ret == 0, out[-3000:]
+        assert f"--shard {i}/2:" in out
+        assert not {k: o for k, o in outcomes.items() if o in ("failure", "error")}
+        held.append({r["info"]["pair_id"] for r in _pairs(project / f"live{i}")})
+    assert not held[0] & held[1] and held[0] | held[1] == unsplit_pairs
+    ret, out, merged = run(
+        project, shared_diff_cache, "--from-results", "live1", "live2", "--report-dir", "livem"
+    )
+    assert ret == 0, out[-3000:]
+    group = {k: o for k, o in merged.items() if "[base:" in k}
+    assert group and "skipped" not in group.values(), group  # decided at the merge
+    assert verdicts(project / "livem") == verdicts(full)
+    config = json.loads((project / "livem" / "results.json").read_text("utf-8"))["config"]
+    assert config["trace_hashes"] and config["dtype_resolved"]["device"] == "cpu"
+
+
+def _pairs(bundle: Path) -> list[dict[str, Any]]:
+    pairs: list[dict[str, Any]] = json.loads((bundle / "results.json").read_text("utf-8"))["pairs"]
+    return pairs
 
 
 def test_a_shard_leaves_the_other_shards_snapshots_alone(

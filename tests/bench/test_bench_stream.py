@@ -1,0 +1,17 @@
+"""bench_stream's GPU case reports itself as not measured where there is no CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import bench_stream
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the case runs for real on CUDA")
+def test_the_gpu_case_is_not_measured_without_cuda() -> None:
+    results = bench_stream._gpu_case(2, 128)
+    assert [r.name for r in results] == ["stream_gpu_7b_mem", "stream_gpu_7b_time"]
+    for r in results:
+        assert r.status == "not measured" and not r.short
+        assert "not measured" in r.line() and "no CUDA device" in r.line()
