@@ -9,7 +9,6 @@ and curves, the group finding, pandas frames, the terminal report and the bundle
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields, replace
@@ -26,7 +25,16 @@ from .findings import (
 )
 from .methods import METHODS
 from .options import DEVICES, DTYPES, OPTIONS, DiffOptions, parse_bytes
-from .records import CacheStats, Curve, PairInfo, PairResult, ReportData, Verdict
+from .records import (
+    CacheStats,
+    Curve,
+    PairInfo,
+    PairResult,
+    ReportData,
+    Verdict,
+    dominant_row,
+    massive_row,
+)
 from .registry import ModelSpec, PairSpec, Registry, key_from_source, slug
 
 #: The documented default of every option (the one table: ``reasondiff.options.OPTIONS``).
@@ -523,31 +531,8 @@ class Comparison(Sequence[PairResult]):
         massive: dict[tuple[Any, ...], None] = {}
         for r in ok:
             for m in r.massive:  # per model: a shared base is one row, as in massive.csv
-                row = (
-                    m.model,
-                    m.trace,
-                    m.layer,
-                    ";".join(str(p) for p in m.positions),
-                    m.max_abs,
-                    ";".join(str(i) for i in m.token_ids),
-                    json.dumps(list(m.tokens), ensure_ascii=False) if m.tokens else "",
-                )
-                massive.setdefault(row, None)
-        dominant = [
-            (
-                d.base,
-                d.descendant,
-                d.trace,
-                d.layer,
-                d.model,
-                d.position,
-                d.token_id,
-                d.token,
-                d.projection,
-            )
-            for r in ok
-            for d in r.dominant
-        ]
+                massive.setdefault(massive_row(m), None)
+        dominant = [dominant_row(d) for r in ok for d in r.dominant]
         verdicts = [
             (v.finding, v.subject, v.status, v.observed, v.expected, v.summary, v.details)
             for v in self.verdicts()

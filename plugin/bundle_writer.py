@@ -52,7 +52,7 @@ from typing import Any
 
 from .diskcheck import file_mode
 from .errors import BundleError
-from .records import PairResult, Verdict
+from .records import PairResult, Verdict, dominant_row, massive_row
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -274,31 +274,8 @@ def write_bundle(
     massive_rows: dict[tuple[Any, ...], None] = {}
     for res in results:
         for m in res.massive:
-            row = (
-                m.model,
-                m.trace,
-                m.layer,
-                ";".join(str(p) for p in m.positions),
-                _fmt_float(m.max_abs),
-                ";".join(str(i) for i in m.token_ids),
-                json.dumps(list(m.tokens), ensure_ascii=False) if m.tokens else "",
-            )
-            massive_rows.setdefault(row, None)
-    dominant_rows = [
-        (
-            r.base,
-            r.descendant,
-            r.trace,
-            r.layer,
-            r.model,
-            r.position,
-            r.token_id,
-            r.token,
-            _fmt_float(r.projection),
-        )
-        for res in results
-        for r in res.dominant
-    ]
+            massive_rows.setdefault(massive_row(m, _fmt_float), None)
+    dominant_rows = [dominant_row(r, _fmt_float) for res in results for r in res.dominant]
 
     doc: dict[str, Any] = {
         "format": BUNDLE_FORMAT,

@@ -6,9 +6,10 @@ Everything here is JSON/CSV friendly (ints, floats, strings, tuples of ints).
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, astuple, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # a runtime import would cycle: tokens builds on these records
@@ -376,3 +377,23 @@ class PairResult:
     def ok(self) -> bool:
         """False for a descendant that failed (``error`` says why)."""
         return self.error is None
+
+
+def massive_row(m: MassiveRecord, fmt: Callable[[float], Any] = float) -> tuple[Any, ...]:
+    """One massive.csv row (and frame row): lists joined by ``;``, token texts as JSON
+    (they may hold ``;``, quotes or newlines); ``fmt`` formats ``max_abs``."""
+    return (
+        m.model,
+        m.trace,
+        m.layer,
+        ";".join(str(p) for p in m.positions),
+        fmt(m.max_abs),
+        ";".join(str(i) for i in m.token_ids),
+        json.dumps(list(m.tokens), ensure_ascii=False) if m.tokens else "",
+    )
+
+
+def dominant_row(d: DominantRecord, fmt: Callable[[float], Any] = float) -> tuple[Any, ...]:
+    """One dominant.csv row (and frame row), in the record's field order; ``fmt`` formats
+    the projection."""
+    return (*astuple(d)[:-1], fmt(d.projection))

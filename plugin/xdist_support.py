@@ -22,6 +22,7 @@ from .records import (
     PairInfo,
     PairResult,
     Verdict,
+    dominant_row,
     weight_from_row,
     weight_to_row,
 )
@@ -102,20 +103,7 @@ def pair_result_to_dict(result: PairResult) -> dict[str, Any]:
             ]
             for m in result.massive
         ],
-        "dominant": [
-            [
-                r.base,
-                r.descendant,
-                r.trace,
-                r.layer,
-                r.model,
-                r.position,
-                r.token_id,
-                r.token,
-                r.projection,
-            ]
-            for r in result.dominant
-        ],
+        "dominant": [list(dominant_row(r)) for r in result.dominant],
         "trace_sets": list(result.trace_sets),
         "notes": list(result.notes),
     }

@@ -63,7 +63,8 @@ def _compile(block: int) -> dict[torch.dtype, Kernel]:
 
     @jit  # type: ignore[misc]
     def bf16_pair_sums(a: Any, b: Any, out: Any) -> None:
-        """``a``, ``b``: bf16 chunks viewed as uint32 words, two values per word."""
+        """``a``, ``b``: bf16 chunks viewed as uint32 words, two values per word (a
+        block past the end, left by an odd last value, gets zeros)."""
         n = a.size
         for k in range(out.shape[0]):
             lo = k * word
@@ -84,33 +85,6 @@ def _compile(block: int) -> dict[torch.dtype, Kernel]:
                     p1 += y0 * y0 + y1 * y1
                     p2 += d0 * d0 + d1 * d1
                     p3 += abs(d0) + abs(d1)
-                s0 += p0
-                s1 += p1
-                s2 += p2
-                s3 += p3
-            out[k, 0] = s0
-            out[k, 1] = s1
-            out[k, 2] = s2
-            out[k, 3] = s3
-
-    @jit  # type: ignore[misc]
-    def bf16_sums(a: Any, b: Any, out: Any) -> None:
-        """``a``, ``b``: bf16 chunks as int16 bit patterns (odd lengths, unaligned)."""
-        n = a.size
-        for k in range(out.shape[0]):
-            lo = k * block
-            hi = min(lo + block, n)
-            s0 = s1 = s2 = s3 = 0.0
-            for j in range(lo, hi, sub):
-                p0 = p1 = p2 = p3 = np.float32(0.0)
-                for i in range(j, min(j + sub, hi)):
-                    x = _as_f32((np.uint32(a[i]) & np.uint32(0xFFFF)) << low)
-                    y = _as_f32((np.uint32(b[i]) & np.uint32(0xFFFF)) << low)
-                    d = y - x
-                    p0 += x * x
-                    p1 += y * y
-                    p2 += d * d
-                    p3 += abs(d)
                 s0 += p0
                 s1 += p1
                 s2 += p2
@@ -149,12 +123,17 @@ def _compile(block: int) -> dict[torch.dtype, Kernel]:
             out[k, 3] = s3
 
     def bf16(a: Any, b: Any, out: Any) -> None:
-        # pairs of bf16 as one uint32 word: shifts and masks only, 8 lanes wide (1.9x
-        # the one-value-at-a-time loop, measured); odd or unaligned chunks take that loop
-        if a.size % 2 == 0 and a.flags.aligned and b.flags.aligned:
-            bf16_pair_sums(a.view(np.uint32), b.view(np.uint32), out)
-        else:
-            bf16_sums(a, b, out)
+        # pairs of bf16 as one uint32 word: shifts and masks only, 8 lanes wide (1.9x a
+        # one-value-at-a-time loop, measured); an odd last value is added here
+        even = a.size - a.size % 2
+        bf16_pair_sums(a[:even].view(np.uint32), b[:even].view(np.uint32), out)
+        if even < a.size:
+            x, y = (
+                float((v[-1:].view(np.uint16).astype(np.uint32) << 16).view(np.float32)[0])
+                for v in (a, b)
+            )
+            d = y - x
+            out[-1] += (x * x, y * y, d * d, abs(d))
 
     return {torch.bfloat16: bf16, torch.float32: float_sums, torch.float64: float_sums}
 
