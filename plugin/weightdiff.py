@@ -34,9 +34,11 @@ import os
 import re
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -308,17 +310,23 @@ def stream_weight_diff(
             local.acc = WeightDiffAccumulator(DEFAULT_CHUNK_ELEMS)
         return _run(job, a, b, local.acc)
 
-    records = []
+    records: list[WeightRecord] = []
     pool = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="reasondiff-weights")
+    todo = iter(jobs)
+    # a short queue, not every job submitted at once: one pair in flight per reader, one
+    # waiting each, so nothing grows with the number of tensors
+    pending = deque(pool.submit(run, job) for job in islice(todo, 2 * READER_THREADS))
     try:
         with _one_intra_op_thread():
-            # in job order; two tensor pairs in flight at most (one per reader thread)
-            for i, record in enumerate(pool.map(run, jobs)):
+            while pending:
+                record = pending.popleft().result()  # in job order
+                pending.extend(pool.submit(run, job) for job in islice(todo, 1))
+                records.append(record)
                 if progress is not None:
                     progress(
-                        f"weights {desc_name} vs {base_name}: {i + 1}/{len(jobs)} {record.tensor}"
+                        f"weights {desc_name} vs {base_name}: {len(records)}/{len(jobs)} "
+                        f"{record.tensor}"
                     )
-                records.append(record)
     finally:  # on an error, the pairs not yet started are dropped, not scored for nothing
         pool.shutdown(wait=True, cancel_futures=True)
     return records

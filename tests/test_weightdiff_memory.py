@@ -202,15 +202,33 @@ def _limit(base: Path, desc: Path) -> int:
     return _largest(base) + _largest(desc) + SLACK
 
 
-def test_weight_diff_holds_at_most_one_pair(probe: _Probe) -> None:
+def _diff_limit(base: Path, desc: Path) -> int:
+    """The weight diff's rule: one pair per reader thread (two readers: at most two
+    tensors of a checkpoint at once), plus the diff's own objects."""
+    return weightdiff.READER_THREADS * (_largest(base) + _largest(desc)) + SLACK
+
+
+def test_weight_diff_holds_at_most_one_pair_per_reader(probe: _Probe) -> None:
     base, desc = probe.dirs  # type: ignore[attr-defined]
     records = stream_weight_diff(base, desc, base_name="b", desc_name="d")
     gc.collect()
     assert len(records) > 20 and all(r.note == "" for r in records if r.tensor != "lm_head.weight")
     assert probe.reads > 0 and len(probe.spans) >= 2 * 20  # both checkpoints were read, all tensors
     total, per_ckpt = probe.max_held()
-    assert per_ckpt == 1, f"a checkpoint had {per_ckpt} tensors held at once"
-    assert total <= 2, f"{total} tensors held at once"
+    readers = weightdiff.READER_THREADS
+    assert readers == 2
+    assert per_ckpt <= readers, f"a checkpoint had {per_ckpt} tensors held at once"
+    assert total <= 2 * readers, f"{total} tensors held at once"
+
+
+def test_one_reader_holds_at_most_one_pair(probe: _Probe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one reader thread the rule is one tensor per checkpoint, and it holds."""
+    monkeypatch.setattr(weightdiff, "READER_THREADS", 1)
+    base, desc = probe.dirs  # type: ignore[attr-defined]
+    stream_weight_diff(base, desc, base_name="b", desc_name="d")
+    total, per_ckpt = probe.max_held()
+    assert per_ckpt == 1 and total <= 2, (total, per_ckpt)
+    assert probe.max_live <= _diff_limit(base, desc), (probe.max_live, _diff_limit(base, desc))
 
 
 def test_weight_diff_read_buffers_stay_within_two_tensors(probe: _Probe) -> None:
@@ -221,10 +239,10 @@ def test_weight_diff_read_buffers_stay_within_two_tensors(probe: _Probe) -> None
     assert probe.reads > 40
     print(
         f"weight diff: {probe.max_live} B of read buffers alive at most ({probe.max_py} B "
-        f"Python), limit {_limit(base, desc)} B, checkpoints {_total(base)} B each"
+        f"Python), limit {_diff_limit(base, desc)} B, checkpoints {_total(base)} B each"
     )
-    assert probe.max_live <= _limit(base, desc), (probe.max_live, _limit(base, desc))
-    assert _total(base) + _total(desc) > 4 * _limit(base, desc)  # a kept checkpoint shows
+    assert probe.max_live <= _diff_limit(base, desc), (probe.max_live, _diff_limit(base, desc))
+    assert _total(base) + _total(desc) > 2 * _diff_limit(base, desc)  # a kept checkpoint shows
 
 
 def test_the_probe_sees_a_reader_that_keeps_python_buffers(probe: _Probe) -> None:
@@ -241,7 +259,7 @@ def test_the_probe_sees_a_reader_that_keeps_python_buffers(probe: _Probe) -> Non
                 kept.append(buf)
     probe.trace_python(False)
     assert probe.max_held() == (1, 1)  # the old probe's verdict: nothing held
-    assert probe.max_live > _limit(base, desc), probe.max_live
+    assert probe.max_live > _diff_limit(base, desc) > _limit(base, desc), probe.max_live
     assert probe.max_py >= 0.9 * (_total(base) + _total(desc)) - max(map(len, kept))
     del kept
 
@@ -301,8 +319,9 @@ def test_a_streamed_compare_obeys_the_rule(
         torch_threads=1,
     )
     live, _py, (total, per_ckpt) = stages["weights"]
-    assert per_ckpt == 1 and total <= 2, (total, per_ckpt)
-    assert live <= _limit(*dirs), (live, _limit(*dirs))
+    readers = weightdiff.READER_THREADS
+    assert per_ckpt <= readers and total <= 2 * readers, (total, per_ckpt)
+    assert live <= _diff_limit(*dirs), (live, _diff_limit(*dirs))
     reader = SafetensorsReader(dirs[0], name="base")
     block = sum(e.nbytes for k, e in reader.entries.items() if k.startswith("model.layers.0."))
     assert probe.reads > 0 and 0 < probe.max_torch <= block, (probe.max_torch, block)
