@@ -318,7 +318,7 @@ def test_overflowing_difference_is_named(
 ) -> None:
     """Both forms square in float32, where (3e38 - (-3e38))^2 overflows: they say so."""
     from reasondiff.errors import MetricInputError
-    from reasondiff.metrics._weights_kernel import DISABLE_ENV
+    from reasondiff.metrics.weights import DISABLE_ENV
 
     monkeypatch.setenv(DISABLE_ENV, "1" if form == "torch" else "0")
     big = torch.full((4, 4), 3e38)

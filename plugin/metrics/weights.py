@@ -34,6 +34,8 @@ Reading tensors from checkpoints is :mod:`reasondiff.weightdiff`'s job, not this
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,11 +43,41 @@ import torch
 
 from ..errors import MetricInputError
 from ._validate import shape_str, to_tensor
-from ._weights_kernel import as_numpy, kernel_for
 
 Tensor = torch.Tensor
 #: Elements per float32 reduction block; partial sums of blocks are added in float64.
 REDUCE_BLOCK = 1 << 13
+#: Set to 1 to force the torch form (tests compare both; a user can rule the kernel out).
+DISABLE_ENV = "REASONDIFF_NO_NUMBA"
+_KERNELS: dict[torch.dtype, Callable[[Any, Any, Any], None]] | None = None
+
+
+def kernel_for(dtype: torch.dtype) -> Callable[[Any, Any, Any], None] | None:
+    """The fused kernel for chunks of ``dtype`` (None: use the torch form).
+
+    None when numba is not installed (extra ``fast``), when ``REASONDIFF_NO_NUMBA=1``,
+    or for dtypes it does not cover (fp16, fp8). Imported on first use, not with this
+    module: numba costs ~0.1 s and ~60 MiB only to the processes that diff weights.
+    """
+    global _KERNELS
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        return None
+    if _KERNELS is None:
+        try:
+            from ._weights_kernel import KERNELS
+        except ImportError:
+            KERNELS = {}
+        _KERNELS = KERNELS
+    return _KERNELS.get(dtype)
+
+
+def as_numpy(t: Tensor) -> np.ndarray[Any, Any]:
+    """A zero-copy numpy view of a contiguous CPU chunk (bf16 as its int16 bit pattern)."""
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
 #: Elements per piece of the torch form (256 KiB of float32 per row of the work buffer):
 #: large enough to amortize Python overhead, small enough to stay in cache (fastest
 #: measured for that form).
@@ -133,7 +165,7 @@ class WeightDiffAccumulator:
             return
         self._ended = m % REDUCE_BLOCK != 0
         kernel = (
-            kernel_for(a.dtype, REDUCE_BLOCK)
+            kernel_for(a.dtype)
             if a.dtype == b.dtype and a.device.type == "cpu" and b.device.type == "cpu"
             else None
         )

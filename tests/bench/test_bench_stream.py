@@ -15,3 +15,13 @@ def test_the_gpu_case_is_not_measured_without_cuda() -> None:
     for r in results:
         assert r.status == "not measured" and not r.short
         assert "not measured" in r.line() and "no CUDA device" in r.line()
+
+
+def test_the_generation_gpu_case_is_not_measured_without_cuda() -> None:
+    """The same for bench_generate: no CUDA is 'not measured', never 'short'."""
+    from benchmarks import bench_generate
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the case runs")
+    r = bench_generate._gpu_case()
+    assert r.status == "not measured" and not r.short, r.line()

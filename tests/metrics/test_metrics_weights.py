@@ -156,10 +156,9 @@ def test_accumulator_rejects_a_partial_chunk_before_the_end() -> None:
 
 # ------------------------------------------------------------------ the fused kernel
 def _kernel_or_skip(dtype: torch.dtype) -> None:
-    from reasondiff.metrics._weights_kernel import kernel_for
-    from reasondiff.metrics.weights import REDUCE_BLOCK
+    from reasondiff.metrics.weights import kernel_for
 
-    if kernel_for(dtype, REDUCE_BLOCK) is None:
+    if kernel_for(dtype) is None:
         pytest.skip("numba is not installed (extra 'fast'): only the torch form runs")
 
 
@@ -168,7 +167,7 @@ def _kernel_or_skip(dtype: torch.dtype) -> None:
 def test_fused_kernel_equals_the_torch_form_and_the_float64_reference(
     dtype: torch.dtype, n: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from reasondiff.metrics._weights_kernel import DISABLE_ENV
+    from reasondiff.metrics.weights import DISABLE_ENV
 
     _kernel_or_skip(dtype)
     a = weights(21, (n,)).to(dtype)
