@@ -288,6 +288,8 @@ def test_streamed_in_chunks_equals_whole_tensor_metric_and_maps_no_file(
     from reasondiff.metrics import weight_diff_metrics
     from reasondiff.metrics.weights import REDUCE_BLOCK
 
+    monkeypatch.setattr(weightdiff, "FUSED_MIN_ELEMS", 0)  # the form weight_diff_metrics uses
+
     g = torch.Generator().manual_seed(3)
     emb = (torch.randn(1000, 96, generator=g) * 0.02).to(torch.bfloat16)
     grown = torch.cat([emb + 0.001, torch.ones(7, 96, dtype=torch.bfloat16)])
@@ -321,8 +323,33 @@ def test_overflowing_difference_is_named(
     from reasondiff.metrics.weights import DISABLE_ENV
 
     monkeypatch.setenv(DISABLE_ENV, "1" if form == "torch" else "0")
+    monkeypatch.setattr(weightdiff, "FUSED_MIN_ELEMS", 0)  # the kernel even for 16 values
     big = torch.full((4, 4), 3e38)
     a = _write(tmp_path / "a", {"w": big})
     b = _write(tmp_path / "b", {"w": -big})
     with pytest.raises(MetricInputError, match=r"weights w of 'base' vs w of 'desc'.*float32"):
         _diff(a, b)
+
+
+def test_small_pairs_stay_in_the_torch_form_large_ones_use_the_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's one-off load (numba) is paid only from FUSED_MIN_ELEMS element pairs."""
+    from reasondiff.metrics import weights
+
+    made: list[bool] = []
+    real = weights.WeightDiffAccumulator.__init__
+
+    def spy(self: weights.WeightDiffAccumulator, *args: object, **kwargs: object) -> None:
+        real(self, *args, **kwargs)  # type: ignore[arg-type]
+        made.append(self.fused)
+
+    monkeypatch.setattr(weights.WeightDiffAccumulator, "__init__", spy)
+    a = _write(tmp_path / "a", {"w": torch.ones(8, 8)})
+    b = _write(tmp_path / "b", {"w": torch.full((8, 8), 2.0)})
+    assert _diff(a, b)[0].normalized_diff == pytest.approx(2 / 3)
+    assert made and not any(made)
+    made.clear()
+    monkeypatch.setattr(weightdiff, "FUSED_MIN_ELEMS", 64)
+    assert _diff(a, b)[0].normalized_diff == pytest.approx(2 / 3)
+    assert made and all(made)

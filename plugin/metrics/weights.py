@@ -137,8 +137,15 @@ class WeightDiffAccumulator:
     reused work buffer, so the caller may reuse its chunk memory after ``add`` returns.
     """
 
-    def __init__(self, chunk_elems: int = DEFAULT_CHUNK_ELEMS, device: torch.device | None = None):
+    def __init__(
+        self,
+        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+        device: torch.device | None = None,
+        *,
+        fused: bool = True,
+    ):
         self.chunk_elems = check_chunk_elems(chunk_elems)
+        self.fused = fused  # False: the torch form even where the kernel is available
         self.numel = 0
         self._ended = False
         self._device = device
@@ -166,7 +173,10 @@ class WeightDiffAccumulator:
         self._ended = m % REDUCE_BLOCK != 0
         kernel = (
             kernel_for(a.dtype)
-            if a.dtype == b.dtype and a.device.type == "cpu" and b.device.type == "cpu"
+            if self.fused
+            and a.dtype == b.dtype
+            and a.device.type == "cpu"
+            and b.device.type == "cpu"
             else None
         )
         if kernel is not None:  # one fused pass at memory speed (numba, extra "fast")
