@@ -95,6 +95,16 @@ def _new_figure(
     return fig, [list(row) for row in grid]
 
 
+def _panels(
+    count: int, max_cols: int, *, extra_w: float, panel: tuple[float, float]
+) -> tuple[Figure, list[Axes], int]:
+    """A grid of at least ``count`` panels, ``max_cols`` wide at most: (figure, the axes
+    flattened row-major, the number of columns)."""
+    cols = min(max_cols, count)
+    fig, axes = _new_figure(math.ceil(count / cols), cols, extra_w=extra_w, panel=panel)
+    return fig, [ax for row in axes for ax in row], cols
+
+
 def _curve(data: ReportData, pair: PairInfo, metric: str) -> Curve | None:
     curve = data.curves.get(pair.pair_id, {}).get(metric)
     return curve if curve is not None and curve.layers else None
@@ -256,10 +266,7 @@ def build_figure_3(data: ReportData) -> Figure | None:
     )
     if not components:
         return None
-    cols = min(4, len(components))
-    rows = math.ceil(len(components) / cols)
-    fig, axes = _new_figure(rows, cols, extra_w=2.4, panel=(3.8, 2.6))
-    flat = [ax for row in axes for ax in row]
+    fig, flat, cols = _panels(len(components), 4, extra_w=2.4, panel=(3.8, 2.6))
     bases = list(dict.fromkeys(p.base for p in pairs))
     by_base = len(bases) > 1
     if by_base:
@@ -421,10 +428,7 @@ def build_figure_6(data: ReportData) -> Figure | None:
     pairs = [p for p in pairs if data.tokens[p.pair_id].heat_tokens]
     if not pairs:
         return None
-    cols = min(3, len(pairs))
-    rows = math.ceil(len(pairs) / cols)
-    fig, axes = _new_figure(rows, cols, extra_w=1.2, panel=(4.6, 3.0))
-    flat = [ax for row in axes for ax in row]
+    fig, flat, _ = _panels(len(pairs), 3, extra_w=1.2, panel=(4.6, 3.0))
     image = None
     for ax, pair in zip(flat, pairs, strict=False):
         named = data.tokens[pair.pair_id]
