@@ -1,12 +1,15 @@
 """Per-tensor weight differences between two checkpoints, streamed (METHODS §7).
 
 Tensors are matched by NAME (never by position) and streamed one pair at a time from
-the safetensors files (single or sharded): each tensor's bytes are read with ``pread``
-in chunks of ``DEFAULT_CHUNK_ELEMS`` elements into one reused buffer per side, upcast
-to float32 chunk by chunk and scored by
-:class:`~reasondiff.metrics.weights.WeightDiffAccumulator`. No file stays memory-mapped
-(mapped pages would stay in the process's RSS) and no whole tensor is ever copied, so
-peak memory is a few MiB of buffers on top of the interpreter, never two models. Tensors that cannot be compared are still reported, by name, with NaN
+the safetensors files (single or sharded). Each file is mapped once (``mmap``: its pages
+are the page cache's own, nothing is copied as ``read`` would) and each pair is summed
+``WINDOW_BYTES`` at a time, the pages of each window given back as soon as it is summed,
+so a mapped file never becomes resident and no whole tensor is ever copied: peak memory
+is a few windows on top of the interpreter, never two models. With the fused kernel
+(:mod:`reasondiff.metrics._weights_kernel`) a same-dtype pair is one call, page faults
+and sums included, that runs without the GIL, so ``READER_THREADS`` pairs go in
+parallel; otherwise window tensors go through the torch form of
+:class:`~reasondiff.metrics.weights.WeightDiffAccumulator`. Tensors that cannot be compared are still reported, by name, with NaN
 metrics and a note:
 
 - ``missing_in_base`` / ``missing_in_descendant``: present on one side only.
@@ -28,25 +31,27 @@ silently: they are not weights. A tensor with NaN/Inf raises ``NonFiniteError``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
+import mmap
 import os
 import re
 import struct
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from .errors import MetricInputError, ModelLoadError, NonFiniteError
-from .metrics.weights import DEFAULT_CHUNK_ELEMS, WeightDiffAccumulator
+from .metrics.weights import REDUCE_BLOCK, WeightDiffAccumulator
 from .models import checkpoint_files, read_config
 from .records import WeightRecord
 from .tensor_names import parse_tensor_name
@@ -57,14 +62,13 @@ _EMBED = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in)\.wei
 _LM_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$")
 _PREFIXES = ("base_model.model.", "model.", "transformer.")
 _NAN = float("nan")
-#: Tensor pairs scored at once. Reads (``preadv``) and the fused kernel release the GIL,
-#: so a second thread overlaps one pair's reads with the other's sums (2 cores: 1.6-1.9x).
+#: Tensor pairs scored at once. Page faults and the fused kernel release the GIL, so a
+#: second thread sums one pair while the first maps the next (2 cores: 1.7x, measured).
 READER_THREADS = 2
-#: Element pairs from which the fused kernel is used (numba, extra ``fast``): loading it
-#: costs a process ~0.9 s and ~110 MiB once (numba's import and LLVM), and it saves ~3.4
-#: ns per element pair over the torch form (measured on a 0.5B bf16 pair), so smaller
-#: pairs (the toy family, test checkpoints) stay in the torch form.
-FUSED_MIN_ELEMS = 1 << 28
+#: Bytes of a tensor mapped at once per side. Larger windows cut the mmap/munmap calls,
+#: smaller ones the mapped pages in the RSS (a reader holds at most three windows while
+#: it steps): 2 MiB cost 1.2x the time of 8 MiB on a 0.5B pair, 32 MiB gained nothing.
+WINDOW_BYTES = 8 << 20
 
 
 #: safetensors dtype names that are streamed with pread (others read through safe_open).
@@ -90,65 +94,95 @@ class _Entry:
 class _Tensor:
     """One tensor of one checkpoint, read lazily in flat chunks (never whole).
 
-    ``chunks`` yields consecutive 1-D pieces of the flattened tensor; a yielded piece is
-    only valid until the next one is requested (the read buffer is reused).
+    ``chunks`` yields consecutive 1-D pieces of the flattened tensor: windows of the
+    file's mapping (safetensors) or slices of a tensor loaded whole (pickles, dtypes
+    safetensors cannot map here). A mapped window's pages are given back to the page
+    cache once the next window is asked for.
     """
 
     def __init__(self, source: _Source, name: str, entry: _Entry):
         self.source, self.name, self.entry = source, name, entry
         self.numel = math.prod(entry.shape)
+        self.dtype = _ST_DTYPES.get(entry.dtype)
+        self.itemsize = 4 if self.dtype is None else self.dtype.itemsize  # 4: read whole
+
+    @property
+    def mapped(self) -> bool:
+        return self.entry.offset >= 0
+
+    def address(self) -> tuple[int, tuple[int, int]]:
+        """Where the tensor's first byte sits in this process, and the bounds of the
+        file's mapping (mapped tensors only)."""
+        bounds = self.source.bounds(self.entry.file)
+        return bounds[0] + self.entry.offset, bounds
 
     def chunks(self, limit: int, chunk: int) -> Iterator[torch.Tensor]:
         """The first ``limit`` elements in pieces of ``chunk`` elements."""
         src, entry = self.source, self.entry
         try:
-            if entry.offset >= 0:
-                yield from self._pread(src.path_of(entry.file), limit, chunk)
+            if self.mapped:
+                yield from self._windows(limit, chunk)
             else:
                 flat = src.whole(self.name).reshape(-1)
                 for i in range(0, limit, chunk):
                     yield flat[i : min(i + chunk, limit)]
-        except Exception as exc:  # OSError, short read, SafetensorError (no stable type)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # OSError, SafetensorError (no stable type)
             raise ModelLoadError(
                 f"model {src.name!r}: cannot read tensor {self.name} from {entry.file}: {exc}"
             ) from exc
 
-    def _pread(self, path: Path, limit: int, chunk: int) -> Iterator[torch.Tensor]:
-        dtype = _ST_DTYPES[self.entry.dtype]
-        size = torch.empty((), dtype=dtype).element_size()
-        raw = _read_buffer(id(self.source), min(chunk, limit) * size)
-        view = memoryview(raw)
-        buf = (
-            torch.frombuffer(raw, dtype=dtype, count=len(raw) // size)
-            if raw
-            else torch.empty(0, dtype=dtype)
-        )
-        with open(path, "rb", buffering=0) as fh:
-            fd = fh.fileno()
-            for i in range(0, limit, chunk):
-                n = min(chunk, limit - i)
-                want = n * size
-                got = os.preadv(fd, [view[:want]], self.entry.offset + i * size)
-                if got != want:
-                    raise ValueError(f"short read ({got} of {want} bytes at element {i})")
-                yield buf[:n]
+    def _windows(self, limit: int, chunk: int) -> Iterator[torch.Tensor]:
+        assert self.dtype is not None  # mapped entries have a streamable dtype
+        mapping = self.source.mapping(self.entry.file)
+        for i in range(0, limit, chunk):
+            n = min(chunk, limit - i)
+            start = self.entry.offset + i * self.itemsize
+            yield torch.frombuffer(mapping, dtype=self.dtype, count=n, offset=start)
+            _drop_pages(mapping, start, n * self.itemsize)
 
 
-_BUFFERS = threading.local()
+#: Bytes given back on either side of a window besides the window itself: the kernel's
+#: fault-around maps the aligned 64 KiB block around a faulting address, which reaches
+#: into the previous window (already given back) and the next. (The C kernel's SLACK.)
+_DROP_SLACK = 1 << 20
 
 
-def _read_buffer(key: int, nbytes: int) -> bytearray:
-    """This thread's read buffer for one checkpoint, at least ``nbytes`` long.
+def _drop_pages(mapping: mmap.mmap, start: int, length: int) -> None:
+    """Give back the pages of ``[start - slack, start + length + slack)`` (the page cache
+    keeps them; the process's RSS does not). Safe while the other reader uses some of
+    them: the mapping is never written, so the next load maps the same bytes again."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    lo = max(0, start - _DROP_SLACK) // page * page
+    hi = min(len(mapping), start + length + _DROP_SLACK)
+    with contextlib.suppress(OSError, ValueError):
+        mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
-    Reused across tensors: a fresh 2-8 MiB ``bytearray`` per tensor was zero-filled and
-    faulted in for nothing (0.56 s of 2.3 s on a 0.5B pair, profiled). One per (thread,
-    checkpoint), since a pair reads both checkpoints in step; freed with the thread.
+
+def _map_file(path: Path, need: int, *, model: str) -> mmap.mmap:
+    """The whole file, mapped once per diff.
+
+    Private and writable only so that ``torch.frombuffer`` takes it without a warning:
+    nothing writes to it, so no page is ever copied; the pages are the page cache's and
+    fault in on first touch (inside the kernel, without the GIL). ``need``: the end of the
+    last tensor, checked first, since touching a page past the end of a file that shrank
+    would kill the process (SIGBUS) instead of raising.
     """
-    buffers: dict[int, bytearray] = _BUFFERS.__dict__.setdefault("by_source", {})
-    raw = buffers.get(key)
-    if raw is None or len(raw) < nbytes:
-        raw = buffers[key] = bytearray(nbytes)
-    return raw
+    with open(path, "rb", buffering=0) as fh:
+        have = os.fstat(fh.fileno()).st_size
+        if have < need:
+            raise ModelLoadError(
+                f"model {model!r}: {path} has {have} bytes, but its tensors end at byte "
+                f"{need}: it is truncated or corrupt, re-download it"
+            )
+        if os.name == "nt":
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        return mmap.mmap(
+            fh.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
 
 
 def _data_offsets(f: Path) -> dict[str, int]:
@@ -173,6 +207,8 @@ class _Source:
         self.entries: dict[str, _Entry] = {}
         self._files: dict[str, Path] = {}
         self._handles: dict[str, Any] = {}  # pickle state dicts only
+        self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # file -> (mapping, address)
+        self._map_lock = threading.Lock()
         for f in files.files:
             self._files[f.name] = f
             if files.format == "safetensors":
@@ -253,6 +289,40 @@ class _Source:
     def path_of(self, file: str) -> Path:
         return self._files[file]
 
+    def _mapped(self, file: str) -> tuple[mmap.mmap, int]:
+        with self._map_lock:  # both reader threads may ask first
+            if file not in self._maps:
+                need = max(
+                    (
+                        e.offset + math.prod(e.shape) * _ST_DTYPES[e.dtype].itemsize
+                        for e in self.entries.values()
+                        if e.file == file and e.offset >= 0
+                    ),
+                    default=0,
+                )
+                mapping = _map_file(self._files[file], need, model=self.name)
+                view = ctypes.c_char.from_buffer(mapping)
+                self._maps[file] = (mapping, ctypes.addressof(view))
+                del view  # the address stays valid while the mapping is open
+            return self._maps[file]
+
+    def mapping(self, file: str) -> mmap.mmap:
+        """One safetensors file, mapped on first use and kept until :meth:`close`."""
+        return self._mapped(file)[0]
+
+    def bounds(self, file: str) -> tuple[int, int]:
+        """The (start, end) addresses of a mapped file in this process (for the C kernel)."""
+        mapping, start = self._mapped(file)
+        return start, start + len(mapping)
+
+    def close(self) -> None:
+        """Unmap the files (a chunk still referenced keeps its mapping until it is freed)."""
+        with self._map_lock:
+            for mapping, _ in self._maps.values():
+                with contextlib.suppress(BufferError):
+                    mapping.close()
+            self._maps.clear()
+
     def get(self, tensor: str) -> _Tensor:
         """A lazy reader of one tensor (nothing is read until its chunks are asked for)."""
         return _Tensor(self, tensor, self.entries[tensor])
@@ -309,33 +379,38 @@ def stream_weight_diff(
     b = _Source(Path(desc_dir), name=desc_name, allow_pickle=allow_pickle)
     jobs = _plan(a, b)
     local = threading.local()  # one accumulator (reused work buffers) per reader thread
-    fused = sum(math.prod(j.shape) for j in jobs) >= FUSED_MIN_ELEMS
 
     def run(job: _Job) -> WeightRecord:
         if not hasattr(local, "acc"):
-            local.acc = WeightDiffAccumulator(DEFAULT_CHUNK_ELEMS, fused=fused)
+            # a window holds at most WINDOW_BYTES elements (1-byte dtypes)
+            local.acc = WeightDiffAccumulator(WINDOW_BYTES)
         return _run(job, a, b, local.acc)
 
-    records: list[WeightRecord] = []
+    done: dict[int, WeightRecord] = {}
     pool = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="reasondiff-weights")
-    todo = iter(jobs)
-    # a short queue, not every job submitted at once: one pair in flight per reader, one
-    # waiting each, so nothing grows with the number of tensors
-    pending = deque(pool.submit(run, job) for job in islice(todo, 2 * READER_THREADS))
+    todo = enumerate(jobs)
+    # a short queue, not every job submitted at once: one pair in flight per reader and
+    # one waiting each, topped up as ANY pair finishes, so nothing grows with the number
+    # of tensors. (Waiting in job order let one large embedding idle the other reader:
+    # two readers ran at 1.1x one, measured on a 0.5B pair.)
+    pending = {pool.submit(run, job): i for i, job in islice(todo, 2 * READER_THREADS)}
     try:
         with _one_intra_op_thread():
             while pending:
-                record = pending.popleft().result()  # in job order
-                pending.extend(pool.submit(run, job) for job in islice(todo, 1))
-                records.append(record)
-                if progress is not None:
-                    progress(
-                        f"weights {desc_name} vs {base_name}: {len(records)}/{len(jobs)} "
-                        f"{record.tensor}"
-                    )
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    record = done[pending.pop(future)] = future.result()
+                    if progress is not None:
+                        progress(
+                            f"weights {desc_name} vs {base_name}: {len(done)}/{len(jobs)} "
+                            f"{record.tensor}"
+                        )
+                pending.update({pool.submit(run, job): i for i, job in islice(todo, len(finished))})
     finally:  # on an error, the pairs not yet started are dropped, not scored for nothing
         pool.shutdown(wait=True, cancel_futures=True)
-    return records
+        a.close()
+        b.close()
+    return [done[i] for i in range(len(jobs))]
 
 
 @contextlib.contextmanager
@@ -474,20 +549,37 @@ def _metrics(
     tensor once.
     """
     limit = math.prod(shape)
+    chunk = _window_elems(x, y)
     acc.reset()
-    for cx, cy in zip(
-        x.chunks(limit, acc.chunk_elems), y.chunks(limit, acc.chunk_elems), strict=True
-    ):
-        acc.add(cx, cy)
+    same = x.dtype is not None and x.dtype == y.dtype and x.mapped and y.mapped
+    kernel = acc.kernel(x.dtype) if same and x.dtype is not None else None
+    if kernel is not None:  # the whole pair in one call, without the GIL
+        parts = np.empty((-(-limit // REDUCE_BLOCK), 4), dtype=np.float64)
+        (xa, x_map), (ya, y_map) = x.address(), y.address()
+        kernel.sums(xa, ya, limit, parts, window=chunk, a_map=x_map, b_map=y_map)
+        acc.add_block_sums(parts, limit)
+    else:
+        ys = y.chunks(limit, chunk)  # the same limit and chunk: as many windows as x
+        for cx in x.chunks(limit, chunk):
+            cy = next(ys)
+            acc.add(cx, cy)
+            del cx, cy
     try:
         return acc.result()
     except MetricInputError as exc:
-        _check_finite(x, limit, acc.chunk_elems)
-        _check_finite(y, limit, acc.chunk_elems)
+        _check_finite(x, limit, chunk)
+        _check_finite(y, limit, chunk)
         raise MetricInputError(
             f"weights {x.name} of {x.source.name!r} vs {y.name} of {y.source.name!r}: "
             "the difference overflows float32 (values too large)"
         ) from exc
+
+
+def _window_elems(x: _Tensor, y: _Tensor) -> int:
+    """Elements per window: ``WINDOW_BYTES`` of the wider side, in whole reduction blocks
+    (both sides are cut alike, so that their chunks pair up)."""
+    width = max(x.itemsize, y.itemsize)
+    return max(REDUCE_BLOCK, WINDOW_BYTES // width // REDUCE_BLOCK * REDUCE_BLOCK)
 
 
 def _check_finite(t: _Tensor, limit: int, chunk: int) -> None:

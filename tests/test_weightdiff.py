@@ -6,6 +6,7 @@ import json
 import math
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -279,38 +280,71 @@ def _write(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
     return directory
 
 
-def test_streamed_in_chunks_equals_whole_tensor_metric_and_maps_no_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _mapped_rss(root: Path) -> dict[str, int]:
+    """Resident bytes of this process's mappings of files under ``root`` (smaps ``Rss``)."""
+    rss: dict[str, int] = {}
+    path = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            path = head[5] if len(head) > 5 and head[5].startswith(str(root)) else None
+        elif path is not None and head[:1] == ["Rss:"]:
+            rss[path] = rss.get(path, 0) + int(head[1]) * 1024
+    return rss
+
+
+#: Pages a fault maps at once besides the window: fault-around's 64 KiB block, or a
+#: large page-cache folio (up to a 2 MiB PMD), on either side of a window.
+_FAULT_SPAN = 2 * 2**20
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["given back", "negative control: kept"])
+@pytest.mark.parametrize("form", ["fused kernel", "torch"])
+def test_streamed_in_windows_equals_whole_tensor_metric_and_keeps_no_file_resident(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str, keep: bool
 ) -> None:
-    """Many small chunks (a resized bf16 embedding read as a row prefix) give exactly the
-    whole-tensor result, no checkpoint file stays mapped, and the torch thread setting
-    is restored."""
+    """Many small windows (a resized bf16 embedding read as a row prefix) give exactly the
+    whole-tensor result; each file is mapped, but only about a window per reader stays
+    resident at a time (sampled after each tensor), nothing stays mapped after, and the
+    torch thread setting is restored. The control keeps every page: it is caught."""
     from reasondiff.metrics import weight_diff_metrics
-    from reasondiff.metrics.weights import REDUCE_BLOCK
+    from reasondiff.metrics.weights import DISABLE_ENV, REDUCE_BLOCK, kernel_for
 
-    monkeypatch.setattr(weightdiff, "FUSED_MIN_ELEMS", 0)  # the form weight_diff_metrics uses
-
+    monkeypatch.setenv(DISABLE_ENV, "1" if form == "torch" else "0")
+    if form != "torch" and kernel_for(torch.bfloat16) is None:
+        pytest.skip("no C compiler here: the torch form runs (the other case)")
+    if keep:  # neither path gives pages back
+        monkeypatch.setattr(weightdiff, "_drop_pages", lambda *a: None)
+        real_address = weightdiff._Tensor.address
+        monkeypatch.setattr(
+            weightdiff._Tensor, "address", lambda self: (real_address(self)[0], None)
+        )
     g = torch.Generator().manual_seed(3)
-    emb = (torch.randn(1000, 96, generator=g) * 0.02).to(torch.bfloat16)
-    grown = torch.cat([emb + 0.001, torch.ones(7, 96, dtype=torch.bfloat16)])
+    emb = (torch.randn(20000, 448, generator=g) * 0.02).to(torch.bfloat16)  # 17.9 MB
+    grown = torch.cat([emb + 0.001, torch.ones(7, 448, dtype=torch.bfloat16)])
     up = torch.randn(40, 30, generator=g)
     a = _write(tmp_path / "a", {"model.embed_tokens.weight": emb, "model.layers.0.up": up})
     b = _write(tmp_path / "b", {"model.embed_tokens.weight": grown, "model.layers.0.up": -up})
-    monkeypatch.setattr(weightdiff, "DEFAULT_CHUNK_ELEMS", REDUCE_BLOCK)  # 12 chunks
-    mapped: list[str] = []
+    window = 2 * REDUCE_BLOCK  # bytes: 1093 windows of bf16 per embedding side
+    monkeypatch.setattr(weightdiff, "WINDOW_BYTES", window)
+    resident: list[int] = []
 
     def progress(_: str) -> None:
-        maps = Path("/proc/self/maps").read_text()
-        mapped.extend(line for line in maps.splitlines() if str(tmp_path) in line)
+        resident.extend(_mapped_rss(tmp_path).values())
 
     threads = torch.get_num_threads()
     records = _by_name(_diff(a, b, progress=progress))
     assert torch.get_num_threads() == threads
-    assert not mapped
+    assert not _mapped_rss(tmp_path)  # unmapped after the diff
+    bound = weightdiff.READER_THREADS * (window + 2 * _FAULT_SPAN)
+    assert emb.numel() * 2 > 2 * bound  # a kept file shows
+    assert resident and (max(resident) > bound if keep else max(resident) <= bound)
     rec = records["model.embed_tokens.weight"]
-    assert rec.note == "resized:1000"
-    want = weight_diff_metrics(emb, grown[:1000])
-    assert (rec.normalized_diff, rec.relative_diff, rec.mean_abs_diff) == want
+    assert rec.note == "resized:20000"
+    want = weight_diff_metrics(emb, grown[:20000])
+    assert (rec.normalized_diff, rec.relative_diff, rec.mean_abs_diff) == pytest.approx(
+        want, rel=1e-12
+    )
     assert records["model.layers.0.up"].normalized_diff == pytest.approx(2.0)
 
 
@@ -323,7 +357,6 @@ def test_overflowing_difference_is_named(
     from reasondiff.metrics.weights import DISABLE_ENV
 
     monkeypatch.setenv(DISABLE_ENV, "1" if form == "torch" else "0")
-    monkeypatch.setattr(weightdiff, "FUSED_MIN_ELEMS", 0)  # the kernel even for 16 values
     big = torch.full((4, 4), 3e38)
     a = _write(tmp_path / "a", {"w": big})
     b = _write(tmp_path / "b", {"w": -big})
@@ -331,25 +364,40 @@ def test_overflowing_difference_is_named(
         _diff(a, b)
 
 
-def test_small_pairs_stay_in_the_torch_form_large_ones_use_the_kernel(
+def test_mapped_pairs_are_summed_in_one_kernel_call_each(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The kernel's one-off load (numba) is paid only from FUSED_MIN_ELEMS element pairs."""
-    from reasondiff.metrics import weights
+    """With the kernel, a same-dtype pair is one call over the mapped files (pages given
+    back window by window); a pair of mixed dtypes goes through the chunked path, and
+    both agree with the in-memory metric."""
+    from reasondiff.metrics import _weights_kernel, weight_diff_metrics
+    from reasondiff.metrics.weights import kernel_for
 
-    made: list[bool] = []
-    real = weights.WeightDiffAccumulator.__init__
+    if kernel_for(torch.float32) is None:
+        pytest.skip("no C compiler here: the torch form runs (tested elsewhere)")
+    calls: list[tuple[int, int, bool]] = []
+    real = _weights_kernel.Kernel.sums
 
-    def spy(self: weights.WeightDiffAccumulator, *args: object, **kwargs: object) -> None:
-        real(self, *args, **kwargs)  # type: ignore[arg-type]
-        made.append(self.fused)
+    def spy(self: Any, a: int, b: int, n: int, out: Any, **kw: Any) -> None:
+        calls.append((n, kw.get("window", 0), kw.get("a_map") is not None))
+        real(self, a, b, n, out, **kw)
 
-    monkeypatch.setattr(weights.WeightDiffAccumulator, "__init__", spy)
-    a = _write(tmp_path / "a", {"w": torch.ones(8, 8)})
-    b = _write(tmp_path / "b", {"w": torch.full((8, 8), 2.0)})
-    assert _diff(a, b)[0].normalized_diff == pytest.approx(2 / 3)
-    assert made and not any(made)
-    made.clear()
-    monkeypatch.setattr(weightdiff, "FUSED_MIN_ELEMS", 64)
-    assert _diff(a, b)[0].normalized_diff == pytest.approx(2 / 3)
-    assert made and all(made)
+    monkeypatch.setattr(_weights_kernel.Kernel, "sums", spy)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(300, 70, generator=g)
+    v = torch.randn(33, generator=g).to(torch.bfloat16)
+    a = _write(tmp_path / "a", {"model.layers.0.w": w, "model.layers.0.v": v})
+    b = _write(
+        tmp_path / "b",
+        {"model.layers.0.w": w * 1.01, "model.layers.0.v": v.float() + 0.5},  # v: bf16 vs f32
+    )
+    records = _by_name(_diff(a, b))
+    assert (w.numel(), weightdiff.WINDOW_BYTES // 4 // 8192 * 8192, True) in calls
+    assert len([c for c in calls if c[2]]) == 1  # v is not one call: its dtypes differ
+    got = records["model.layers.0.w"]
+    assert (got.normalized_diff, got.relative_diff, got.mean_abs_diff) == pytest.approx(
+        weight_diff_metrics(w, w * 1.01), rel=1e-12
+    )
+    assert records["model.layers.0.v"].normalized_diff == pytest.approx(
+        weight_diff_metrics(v.float(), v.float() + 0.5)[0], rel=1e-6
+    )

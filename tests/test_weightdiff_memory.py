@@ -1,17 +1,21 @@
 """A weight diff never holds more than two checkpoint tensors at once (one pair).
 
 Instrumented at the I/O boundary, not inside weightdiff.py, so the test holds for any
-implementation: every ``os.preadv`` is mapped (file, byte range) to the tensors it
-touches, and every tensor returned by ``safe_open(...).get_tensor`` is tracked until it
-is garbage. A tensor is *held* from its first read to its last read (pread) or while
-its returned object lives (safe_open).
+implementation: every ``os.preadv``, every fused-kernel call over mapped memory
+(``Kernel.sums``) and every ``torch.frombuffer`` over a mapped file is mapped (file,
+byte range) to the tensors it touches, and every tensor returned by
+``safe_open(...).get_tensor`` is tracked until it is garbage. A tensor is *held* from
+its first read to its last read (pread), for the length of a kernel call, while a
+window tensor over its bytes lives, or while its returned object lives (safe_open).
 
 Read times alone cannot see a reader that preads every tensor into a buffer of its own
 and keeps them all, so the probe also tracks the *buffers* reads land in: Python buffers
 (``bytearray``, what weightdiff reads into) through ``tracemalloc``, torch-owned ones
 (``torch.empty`` storage, what block_reader reads into) through a storage weak
-reference. At each read it sums the bytes of read buffers still alive; a reader within
-the rule never has more alive than the two largest tensors (one per checkpoint).
+reference, and bytes of mapped files in use (kernel calls in flight, window tensors
+alive). At each read it sums the bytes still alive; a reader within the rule never has
+more alive than the two largest tensors (one per checkpoint). (That the pages of a mapped
+file are given back as the diff goes is test_weightdiff's RSS test.)
 Negative controls keep every tensor (safe_open, Python buffers, torch buffers) and are
 caught. The same probe runs through a streamed ``compare``: its weight-diff stage obeys
 the rule, and its block stage holds one block's buffers at a time.
@@ -21,8 +25,10 @@ from __future__ import annotations
 
 import gc
 import json
+import mmap
 import os
 import struct
+import threading
 import tracemalloc
 import weakref
 from collections.abc import Iterator
@@ -74,7 +80,9 @@ class _Probe:
         # live read buffers: torch storages by data pointer, Python bytes via tracemalloc
         self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
         self.py_base: int | None = None
-        self.max_live = self.max_torch = self.max_py = 0
+        self.max_live = self.max_torch = self.max_py = self.max_mapped = 0
+        self.mapped_live = 0  # bytes of mapped files in use now (kernel calls, windows)
+        self.lock = threading.RLock()  # two reader threads report at once
 
     def add_files(self, files: list[Path]) -> None:
         self.ranges.update({str(f.resolve()): _ranges(f) for f in files})
@@ -90,7 +98,7 @@ class _Probe:
 
     def reset_live(self) -> None:
         self.storages.clear()
-        self.max_live = self.max_torch = self.max_py = 0
+        self.max_live = self.max_torch = self.max_py = self.max_mapped = 0
 
     def _sample(self) -> None:
         """Bytes of read buffers alive now (buffers of reads still referenced anywhere)."""
@@ -100,7 +108,8 @@ class _Probe:
             py = max(0, tracemalloc.get_traced_memory()[0] - self.py_base)
         self.max_torch = max(self.max_torch, torch_live)
         self.max_py = max(self.max_py, py)
-        self.max_live = max(self.max_live, torch_live + py)
+        self.max_mapped = max(self.max_mapped, self.mapped_live)
+        self.max_live = max(self.max_live, torch_live + py + self.mapped_live)
 
     def _register(self, buffer: Any) -> None:
         """Track a torch-owned destination buffer (numpy view of a tensor) by its storage."""
@@ -111,20 +120,52 @@ class _Probe:
             self.storages[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
 
     def _touch(self, key: tuple[str, str]) -> None:
-        self.clock += 1
-        span = self.spans.setdefault(key, [self.clock, self.clock])
-        span[1] = self.clock
+        with self.lock:
+            self.clock += 1
+            span = self.spans.setdefault(key, [self.clock, self.clock])
+            span[1] = self.clock
+
+    def _mapped_tensors(self, address: int, size: int) -> list[tuple[str, str]]:
+        """The tensors whose bytes ``[address, address + size)`` of a mapped file hold."""
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            if lo <= address < hi and len(parts) == 6:
+                path, start = parts[5].strip(), int(parts[2], 16) + address - lo
+                return [
+                    (str(Path(path).parent), name)
+                    for first, end, name in self.ranges.get(path, [])
+                    if first < start + size and start < end
+                ]
+        return []
+
+    def use_mapped(
+        self, regions: list[tuple[int, int]], delta: int, *, hold: bool = False
+    ) -> list[tuple[str, str]]:
+        """Mapped bytes taken into use (``delta`` > 0) or given up: touch their tensors;
+        ``hold``: they stay held until given up (a window tensor, not a call)."""
+        with self.lock:  # the maps text is freed before any thread samples Python memory
+            keys = [k for address, size in regions for k in self._mapped_tensors(address, size)]
+            self.mapped_live += delta
+            self.reads += delta > 0
+            for key in keys:
+                self._touch(key)
+                if hold:
+                    self.spans[key][1] = _OPEN
+            self._sample()
+        return keys
 
     def pread(self, fd: int, buffers: list[Any], offset: int) -> None:
         path = os.path.realpath(f"/proc/self/fd/{fd}")
         size = sum(len(memoryview(b)) for b in buffers)
-        self.reads += 1
-        for b in buffers:
-            self._register(b)
-        self._sample()
-        for start, end, name in self.ranges.get(path, []):
-            if start < offset + size and offset < end:
-                self._touch((str(Path(path).parent), name))
+        with self.lock:
+            self.reads += 1
+            for b in buffers:
+                self._register(b)
+            self._sample()
+            for start, end, name in self.ranges.get(path, []):
+                if start < offset + size and offset < end:
+                    self._touch((str(Path(path).parent), name))
 
     def returned(self, file: str, name: str, tensor: torch.Tensor) -> None:
         key = (str(Path(file).resolve().parent), name)
@@ -180,6 +221,31 @@ def probe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[_Probe]:
             return getattr(self.inner, attr)
 
     monkeypatch.setattr(os, "preadv", preadv)
+
+    from reasondiff.metrics import _weights_kernel
+
+    real_sums = _weights_kernel.Kernel.sums
+
+    def sums(self: Any, a: int, b: int, n: int, out: Any, **kw: Any) -> None:
+        regions = [(a, n * self.itemsize), (b, n * self.itemsize)]
+        p.use_mapped(regions, 2 * n * self.itemsize)
+        try:
+            real_sums(self, a, b, n, out, **kw)
+        finally:
+            p.use_mapped(regions, -2 * n * self.itemsize)
+
+    real_frombuffer = torch.frombuffer
+
+    def frombuffer(buffer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        t = real_frombuffer(buffer, *args, **kwargs)
+        if isinstance(buffer, mmap.mmap):  # a window of a mapped file, in use while it lives
+            region = [(t.data_ptr(), t.numel() * t.element_size())]
+            p.use_mapped(region, region[0][1], hold=True)
+            weakref.finalize(t, p.use_mapped, region, -region[0][1])
+        return t
+
+    monkeypatch.setattr(_weights_kernel.Kernel, "sums", sums)
+    monkeypatch.setattr(torch, "frombuffer", frombuffer)
     monkeypatch.setattr(weightdiff, "safe_open", TrackedOpen)
     monkeypatch.setattr(safetensors, "safe_open", TrackedOpen)
     p.dirs = (base, desc)  # type: ignore[attr-defined]
@@ -208,7 +274,18 @@ def _diff_limit(base: Path, desc: Path) -> int:
     return weightdiff.READER_THREADS * (_largest(base) + _largest(desc)) + SLACK
 
 
-def test_weight_diff_holds_at_most_one_pair_per_reader(probe: _Probe) -> None:
+@pytest.fixture(params=["fused kernel", "torch"])
+def form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both forms: the kernel over mapped files, the torch form over mapped windows."""
+    from reasondiff.metrics.weights import DISABLE_ENV, kernel_for
+
+    monkeypatch.setenv(DISABLE_ENV, "1" if request.param == "torch" else "0")
+    if request.param != "torch" and kernel_for(torch.float32) is None:
+        pytest.skip("no C compiler here: the torch form runs (the other case)")
+    return str(request.param)
+
+
+def test_weight_diff_holds_at_most_one_pair_per_reader(probe: _Probe, form: str) -> None:
     base, desc = probe.dirs  # type: ignore[attr-defined]
     records = stream_weight_diff(base, desc, base_name="b", desc_name="d")
     gc.collect()
@@ -221,7 +298,9 @@ def test_weight_diff_holds_at_most_one_pair_per_reader(probe: _Probe) -> None:
     assert total <= 2 * readers, f"{total} tensors held at once"
 
 
-def test_one_reader_holds_at_most_one_pair(probe: _Probe, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_reader_holds_at_most_one_pair(
+    probe: _Probe, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
     """With one reader thread the rule is one tensor per checkpoint, and it holds."""
     monkeypatch.setattr(weightdiff, "READER_THREADS", 1)
     base, desc = probe.dirs  # type: ignore[attr-defined]
@@ -231,7 +310,7 @@ def test_one_reader_holds_at_most_one_pair(probe: _Probe, monkeypatch: pytest.Mo
     assert probe.max_live <= _diff_limit(base, desc), (probe.max_live, _diff_limit(base, desc))
 
 
-def test_weight_diff_read_buffers_stay_within_two_tensors(probe: _Probe) -> None:
+def test_weight_diff_read_buffers_stay_within_two_tensors(probe: _Probe, form: str) -> None:
     base, desc = probe.dirs  # type: ignore[attr-defined]
     probe.trace_python(True)
     stream_weight_diff(base, desc, base_name="b", desc_name="d")
@@ -338,3 +417,25 @@ def test_the_probe_sees_a_whole_checkpoint_reader(probe: _Probe) -> None:
     total, per_ckpt = probe.max_held()
     assert per_ckpt >= 20 and total >= 40, (total, per_ckpt)
     del held
+
+
+def test_the_probe_sees_a_reader_that_keeps_mapped_windows(probe: _Probe) -> None:
+    """Negative control: every tensor of both checkpoints as a window over its mapped
+    file, all kept: the probe sees every tensor held at once and their bytes in use."""
+    base, desc = probe.dirs  # type: ignore[attr-defined]
+    kept, maps = [], []
+    for f in sorted(base.glob("*.safetensors")) + sorted(desc.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            m = mmap.mmap(fh.fileno(), 0, flags=mmap.MAP_PRIVATE)
+        maps.append(m)
+        kept += [
+            torch.frombuffer(m, dtype=torch.uint8, count=e - s, offset=s) for s, e, _ in _ranges(f)
+        ]
+    total, per_ckpt = probe.max_held()
+    assert per_ckpt >= 20 and total >= 40, (total, per_ckpt)
+    assert probe.max_mapped >= _total(base) + _total(desc) > _diff_limit(base, desc)
+    del kept
+    gc.collect()
+    assert probe.mapped_live == 0  # every window was seen going
+    for m in maps:
+        m.close()

@@ -15,11 +15,11 @@ block level while running at float32 speed (a float64-accumulating ``torch.sum``
 the whole thing, and results do not depend on the chunk size: block boundaries do not
 move. :class:`WeightDiffAccumulator` is the streaming form (chunks read from a file).
 
-With numba installed (extra ``fast``), bf16 / float32 / float64 chunks on the CPU go
-through a fused single-pass kernel instead (:mod:`._weights_kernel`): the same blocks,
-each block's sums accumulated in float64 (more accurate than the float32 block sums
-above; the two forms agree to ~1e-8 relative), about 5x faster per element and free of
-the GIL. ``REASONDIFF_NO_NUMBA=1`` forces the torch form.
+Where a C compiler is available, bf16 / float32 / float64 chunks on the CPU go through a
+fused single-pass kernel instead (:mod:`._weights_kernel`, built once per machine): the
+same blocks, runs of 256 summed in float32 and the runs in float64 (the two forms agree
+to ~1e-8 relative), about ten times faster per element and free of the GIL.
+``REASONDIFF_NO_KERNEL=1`` forces the torch form.
 
 Behaviour (tested):
 - identical tensors give 0.0 for all three; normalized and mean_abs are symmetric in
@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,31 +43,29 @@ import torch
 from ..errors import MetricInputError
 from ._validate import shape_str, to_tensor
 
+if TYPE_CHECKING:
+    from ._weights_kernel import Kernel
+
 Tensor = torch.Tensor
 #: Elements per float32 reduction block; partial sums of blocks are added in float64.
 REDUCE_BLOCK = 1 << 13
 #: Set to 1 to force the torch form (tests compare both; a user can rule the kernel out).
-DISABLE_ENV = "REASONDIFF_NO_NUMBA"
-_KERNELS: dict[torch.dtype, Callable[[Any, Any, Any], None]] | None = None
+DISABLE_ENV = "REASONDIFF_NO_KERNEL"
 
 
-def kernel_for(dtype: torch.dtype) -> Callable[[Any, Any, Any], None] | None:
+def kernel_for(dtype: torch.dtype) -> Kernel | None:
     """The fused kernel for chunks of ``dtype`` (None: use the torch form).
 
-    None when numba is not installed (extra ``fast``), when ``REASONDIFF_NO_NUMBA=1``,
-    or for dtypes it does not cover (fp16, fp8). Imported on first use, not with this
-    module: numba costs ~0.1 s and ~60 MiB only to the processes that diff weights.
+    None with ``REASONDIFF_NO_KERNEL=1``, for dtypes it does not cover (fp16, fp8), or
+    when it cannot be built here (no C compiler: logged once). Built or loaded on first
+    use, kept in the reasondiff cache directory (``kernels/``).
     """
-    global _KERNELS
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return None
-    if _KERNELS is None:
-        try:
-            from ._weights_kernel import KERNELS
-        except ImportError:
-            KERNELS = {}
-        _KERNELS = KERNELS
-    return _KERNELS.get(dtype)
+    from ..cache import default_cache_dir
+    from ._weights_kernel import kernels
+
+    return kernels(default_cache_dir).get(dtype)
 
 
 def as_numpy(t: Tensor) -> np.ndarray[Any, Any]:
@@ -149,10 +146,12 @@ class WeightDiffAccumulator:
         self.numel = 0
         self._ended = False
         self._device = device
+        self._kernels: dict[torch.dtype, Kernel | None] = {}
         self._work: Tensor | None = None  # torch form only, made on first use
         self._squares: Tensor | None = None
-        # float64 (blocks, 4) per chunk: ||a||^2, ||b||^2, ||d||^2, sum|d| of each block
-        self._parts: list[Tensor] = []
+        # float64 (blocks, 4) per chunk: ||a||^2, ||b||^2, ||d||^2, sum|d| of each block;
+        # numpy from the kernel (no torch op runs in a reader thread on that path)
+        self._parts: list[Tensor | np.ndarray[Any, Any]] = []
 
     def reset(self) -> None:
         """Start a new tensor pair (the work buffers are kept)."""
@@ -172,23 +171,43 @@ class WeightDiffAccumulator:
             return
         self._ended = m % REDUCE_BLOCK != 0
         kernel = (
-            kernel_for(a.dtype)
-            if self.fused
-            and a.dtype == b.dtype
-            and a.device.type == "cpu"
-            and b.device.type == "cpu"
+            self.kernel(a.dtype)
+            if a.dtype == b.dtype and a.device.type == "cpu" and b.device.type == "cpu"
             else None
         )
-        if kernel is not None:  # one fused pass at memory speed (numba, extra "fast")
+        if kernel is not None:  # one fused pass at memory speed (C, built once per machine)
             part64 = np.empty((-(-m // REDUCE_BLOCK), 4), dtype=np.float64)
             kernel(as_numpy(a.contiguous()), as_numpy(b.contiguous()), part64)
-            self._parts.append(torch.from_numpy(part64))
+            self._parts.append(part64)
         else:  # cache-sized pieces: whole blocks, so the block offsets do not move
             for i in range(0, m, TORCH_CHUNK_ELEMS):
                 self._parts.append(
                     self._torch_part(a[i : i + TORCH_CHUNK_ELEMS], b[i : i + TORCH_CHUNK_ELEMS])
                 )
         self.numel += m
+
+    def add_block_sums(self, parts: np.ndarray[Any, Any], numel: int) -> None:
+        """Add a whole pair's block sums, computed by the caller with the kernel's
+        :meth:`~reasondiff.metrics._weights_kernel.Kernel.sums` (``ceil(numel /
+        REDUCE_BLOCK)`` rows of 4, float64): the reader that maps files sums a pair in
+        one call, without chunks."""
+        if self._ended or parts.shape != (-(-numel // REDUCE_BLOCK), 4):
+            raise MetricInputError(
+                f"block sums {parts.shape} do not fit {numel} elements (after a partial "
+                f"chunk: {self._ended})"
+            )
+        self._ended = numel % REDUCE_BLOCK != 0
+        self._parts.append(parts)
+        self.numel += numel
+
+    def kernel(self, dtype: torch.dtype) -> Kernel | None:
+        """:func:`kernel_for`, asked once per dtype (every chunk needs it); None when this
+        accumulator was made with ``fused=False``."""
+        if not self.fused:
+            return None
+        if dtype not in self._kernels:
+            self._kernels[dtype] = kernel_for(dtype)
+        return self._kernels[dtype]
 
     def _torch_part(self, a: Tensor, b: Tensor) -> Tensor:
         """The block sums of one piece in torch ops (float32 blocks, float64 out)."""
@@ -219,7 +238,8 @@ class WeightDiffAccumulator:
         """(||a||^2, ||b||^2, ||d||^2, sum |d|): block partials added in float64."""
         if not self._parts:
             return 0.0, 0.0, 0.0, 0.0
-        total = torch.cat([p.cpu() for p in self._parts]).sum(0)
+        parts = [p if isinstance(p, np.ndarray) else p.cpu().numpy() for p in self._parts]
+        total = np.concatenate(parts).sum(0)
         sq_a, sq_b, sq_d, abs_d = (float(v) for v in total)
         return sq_a, sq_b, sq_d, abs_d
 

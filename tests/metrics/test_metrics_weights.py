@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import shutil
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -159,7 +163,7 @@ def _kernel_or_skip(dtype: torch.dtype) -> None:
     from reasondiff.metrics.weights import kernel_for
 
     if kernel_for(dtype) is None:
-        pytest.skip("numba is not installed (extra 'fast'): only the torch form runs")
+        pytest.skip("no C compiler here: only the torch form runs")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
@@ -181,7 +185,8 @@ def test_fused_kernel_equals_the_torch_form_and_the_float64_reference(
 
 
 def test_fused_kernel_takes_unaligned_bf16_chunks() -> None:
-    """A bf16 view starting one element in is not 4-byte aligned: the one-value loop."""
+    """A bf16 view starting one element in is not 4-byte aligned (a tensor at an odd
+    offset of its file): the kernel loads through memcpy, so the values are right."""
     _kernel_or_skip(torch.bfloat16)
     raw_a, raw_b = weights(23, (4097,)).bfloat16(), weights(24, (4097,)).bfloat16()
     a, b = raw_a[1:], raw_b[1:]
@@ -198,3 +203,79 @@ def test_fused_kernel_lets_a_nan_reach_the_sums() -> None:
     b[9000] = float("nan")
     with pytest.raises(MetricInputError, match=r"b \(shape \(24576,\)\) has 1 non-finite"):
         weight_diff_metrics(a, b)
+
+
+# ------------------------------------------------------------------ building the kernel
+@pytest.fixture
+def fresh_kernel(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The kernel module with nothing loaded yet (restored after the test)."""
+    from reasondiff.metrics import _weights_kernel
+
+    monkeypatch.setattr(_weights_kernel, "_loaded", None)
+    return _weights_kernel
+
+
+def test_the_kernel_is_built_once_per_cpu_and_then_only_loaded(
+    fresh_kernel: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wk = fresh_kernel
+    if wk.compiler() is None:
+        pytest.skip("no C compiler here")
+    builds: list[Path] = []
+    real = wk.build
+    monkeypatch.setattr(wk, "build", lambda target, cc: (builds.append(target), real(target, cc)))
+    assert set(wk.kernels(lambda: tmp_path)) == {torch.bfloat16, torch.float32, torch.float64}
+    assert len(builds) == 1 and builds[0].parent == tmp_path / "kernels" and builds[0].exists()
+    assert not list((tmp_path / "kernels").glob("*.tmp"))  # the rename left nothing behind
+    # a new process (nothing loaded) needs no compiler: the cached library is loaded
+    monkeypatch.setattr(wk, "_loaded", None)
+    monkeypatch.setattr(wk, "compiler", lambda: None)
+    assert set(wk.kernels(lambda: tmp_path)) == {torch.bfloat16, torch.float32, torch.float64}
+    assert len(builds) == 1
+    # another CPU kind sharing the cache directory gets its own library
+    monkeypatch.setattr(wk, "cpu_key", lambda: "another cpu")
+    assert wk.library_path(tmp_path) != builds[0]
+
+
+def test_without_a_compiler_the_torch_form_runs_and_says_why(
+    fresh_kernel: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with caplog.at_level(logging.WARNING, logger="reasondiff"):
+        assert fresh_kernel.kernels(lambda: tmp_path) == {}
+    assert "no C compiler" in caplog.text and "torch form" in caplog.text
+    assert not (tmp_path / "kernels").exists()
+    a = weights(26, (3 * 8192 + 1,)).bfloat16()
+    b = (a.float() + 0.01).bfloat16()
+    assert weight_diff_metrics(a, b) == pytest.approx(reference(a, b), rel=1e-6)
+
+
+def test_a_failed_build_falls_back_and_says_why(
+    fresh_kernel: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    failing = shutil.which("false")
+    if failing is None:
+        pytest.skip("no 'false' command here")
+    monkeypatch.setenv("CC", failing)
+    with caplog.at_level(logging.WARNING, logger="reasondiff"):
+        assert fresh_kernel.kernels(lambda: tmp_path) == {}
+    assert "failed" in caplog.text and "torch form" in caplog.text
+    assert not list((tmp_path / "kernels").glob("*.so*.tmp"))
+
+
+def test_a_kernel_that_fails_its_self_check_is_never_used(
+    fresh_kernel: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """A miscompiled (here: sabotaged) library is caught before any weight is summed."""
+    wk = fresh_kernel
+    if wk.compiler() is None:
+        pytest.skip("no C compiler here")
+    good = "p2 += d0 * d0 + d1 * d1;"
+    source = wk.SOURCE.read_text()
+    assert good in source
+    broken = tmp_path / "broken.c"
+    broken.write_text(source.replace(good, "p2 += d0 * d0;"))  # loses every second value
+    monkeypatch.setattr(wk, "SOURCE", broken)
+    with caplog.at_level(logging.WARNING, logger="reasondiff"):
+        assert wk.kernels(lambda: tmp_path) == {}
+    assert "differ from float64" in caplog.text
