@@ -43,3 +43,9 @@ MASSIVE_RATIO = 1000.0
 #: RBF bandwidth median convention: "offdiag" (ours) or "all" (the reference's)
 RBF_MEDIAN: Final = "offdiag"
 RBF_MEDIANS = ("offdiag", "all")
+#: PC1 of a Gram-form layer: up to this many tokens by Lanczos (one matrix-vector product
+#: per step, cheap while the N x N float64 Gram sits in cache), above it by block subspace
+#: iteration (16 columns per pass over the matrix: fewer passes through memory). Both give
+#: the same PC1 to round-off; a tunable for speed only (measured crossover on one CPU
+#: thread, see metrics/pca.py).
+PC1_LANCZOS_MAX_N = 1024
