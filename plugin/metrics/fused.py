@@ -28,10 +28,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from ._median import _median_ranks, kth_by_counting, upper_values
+from ._median import _median_ranks, kth_by_counting, order_stats, upper_values
 from .hsic import _F64, _cka_from_terms, _Terms
 from .prepared import CkaStats
 from .rbf import _check_bandwidth, _check_scale
@@ -85,9 +84,7 @@ def _select(vals: Tensor, ranks: list[int]) -> list[float]:
     """Exact order statistics of a 1-D float64 tensor (counting on CUDA, introselect else)."""
     if vals.is_cuda:
         return [kth_by_counting(vals, q)[0] for q in ranks]
-    a = vals.detach().cpu().numpy()
-    part = np.partition(a, ranks)
-    return [float(part[q]) for q in ranks]
+    return order_stats(vals.detach().cpu().numpy(), ranks)
 
 
 @dataclass
