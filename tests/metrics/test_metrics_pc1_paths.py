@@ -42,7 +42,10 @@ def layer_data(kind: str, n: int, d: int, seed: int) -> tuple[torch.Tensor, torc
 
 
 def _score(x: torch.Tensor, y: torch.Tensor) -> dict[str, object]:
-    return score_layer(prepare_base_layer(x, name="b", k=10), y, k=10, rbf_median="all")
+    entry: dict[str, object] = score_layer(
+        prepare_base_layer(x, name="b", k=10), y, k=10, rbf_median="all"
+    )
+    return entry
 
 
 def _assert_same(a: dict[str, object], b: dict[str, object]) -> None:
