@@ -84,7 +84,7 @@ class CkaStats:
         self._sq_median: dict[str, float] = {}
         self._d2: Tensor | None = None  # see small_sq_dists()
         # token norms of the raw rows, one pass while xt is at hand (see row_norms())
-        self._norms: Tensor | None = torch.linalg.vector_norm(xt, dim=1)
+        self._norms: Tensor = torch.linalg.vector_norm(xt, dim=1)
         if use_gram:
             g = symmetric_gram(self.xc)
             self.r = g.diagonal().clone()  # ||xc_i||^2: the Gram's diagonal, no extra pass
@@ -122,9 +122,8 @@ class CkaStats:
         return self.shape[0]
 
     def row_norms(self) -> Tensor:
-        """Token norms ||x_i|| of the raw (uncentred) rows (computed with the stats)."""
-        if self._norms is None:
-            self._norms = (self.xc + self.mean).square().sum(1).sqrt()
+        """Token norms ||x_i|| of the raw (uncentred) rows, taken from x itself at
+        construction (two diagnostics use them; x + mean - mean is not bitwise x)."""
         return self._norms
 
     @property
