@@ -132,6 +132,25 @@ def _bits_value(pattern: int, like: Tensor) -> float:
     return float(t.view(like.dtype)[0])
 
 
+def order_stats(a: np.ndarray, ranks: list[int]) -> list[float]:
+    """Exact 0-based order statistics of a 1-D array at sorted, unique ``ranks``:
+    ``numpy.partition(a, ranks)[ranks]``, faster for a median's two adjacent ranks.
+
+    ``numpy.partition`` with two kth values costs ~3x one (measured: 32k float64 0.52 vs
+    0.17 ms), so for ranks q, q + 1 it partitions at q and takes the minimum of the part
+    above it, which is rank q + 1. A NaN there (NaN sorts last in a partition, but
+    poisons a minimum) takes the two-rank partition.
+    """
+    if len(ranks) == 2 and ranks[1] == ranks[0] + 1:
+        q = ranks[0]
+        part = np.partition(a, q)
+        nxt = float(part[q + 1 :].min())
+        if not math.isnan(nxt):
+            return [float(part[q]), nxt]
+    part = np.partition(a, ranks)
+    return [float(part[q]) for q in ranks]
+
+
 def _kth(v: Tensor, q: int, with_next: bool = False) -> tuple[float, float]:
     """Values of 0-based ranks q and (if ``with_next``) q + 1 of a 1-D tensor.
 
@@ -145,8 +164,8 @@ def _kth(v: Tensor, q: int, with_next: bool = False) -> tuple[float, float]:
     a = v.detach().cpu().numpy()
     if not with_next:
         return float(np.partition(a, q)[q]), math.nan
-    part = np.partition(a, [q, q + 1])
-    return float(part[q]), float(part[q + 1])
+    lo, nxt = order_stats(a, [q, q + 1])
+    return lo, nxt
 
 
 def _select_rank(

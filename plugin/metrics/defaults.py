@@ -43,3 +43,10 @@ MASSIVE_RATIO = 1000.0
 #: RBF bandwidth median convention: "offdiag" (ours) or "all" (the reference's)
 RBF_MEDIAN: Final = "offdiag"
 RBF_MEDIANS = ("offdiag", "all")
+#: PC1 of a Gram-form layer on a CPU: up to this many tokens by Lanczos (one matrix-vector
+#: product per step), above it by block subspace iteration (16 columns per pass over the
+#: matrix). Lanczos measured faster at every N up to 8192, the most tokens a layer holds
+#: as a Gram (metrics/layer.py GRAM_ROWS_MAX), so today it is that bound; lower it if a
+#: machine's memory bandwidth favours the block products. Both give the same PC1 to
+#: round-off (tests/metrics/test_metrics_pc1_paths.py). CUDA keeps the block iteration.
+PC1_LANCZOS_MAX_N = 8192

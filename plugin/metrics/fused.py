@@ -28,10 +28,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from ._median import _median_ranks, kth_by_counting, upper_values
+from ._median import _median_ranks, kth_by_counting, order_stats, upper_values
 from .hsic import _F64, _cka_from_terms, _Terms
 from .prepared import CkaStats
 from .rbf import _check_bandwidth, _check_scale
@@ -85,9 +84,7 @@ def _select(vals: Tensor, ranks: list[int]) -> list[float]:
     """Exact order statistics of a 1-D float64 tensor (counting on CUDA, introselect else)."""
     if vals.is_cuda:
         return [kth_by_counting(vals, q)[0] for q in ranks]
-    a = vals.detach().cpu().numpy()
-    part = np.partition(a, ranks)
-    return [float(part[q]) for q in ranks]
+    return order_stats(vals.detach().cpu().numpy(), ranks)
 
 
 @dataclass
@@ -99,11 +96,14 @@ class _Centring:
     diag: Tensor  # diag(H K_SS H) = r_i - 2 a_i + c, for every row i
 
 
-def _centring(s: CkaStats, drop: Tensor, keep: Tensor, m: int) -> _Centring:
-    """From the full Gram's row sums downdated by the dropped columns (O(N |U|))."""
+def _centring(s: CkaStats, drop: Tensor, kept: Tensor, m: int) -> _Centring:
+    """From the full Gram's row sums downdated by the dropped columns (O(N |U|)).
+
+    ``kept``: the kept rows' indices (``index_select``: the elements and order of a
+    boolean-mask selection, at a fraction of its cost on a CPU)."""
     assert s.gram is not None
-    a = (s.rows - s.gram[:, drop].sum(1) + s.r) / m
-    c = a[keep].mean()
+    a = (s.rows - s.gram.index_select(1, drop).sum(1) + s.r) / m
+    c = a.index_select(0, kept).mean()
     return _Centring(a, c - a, s.r - 2.0 * a + c)
 
 
@@ -121,7 +121,7 @@ def _centred_block(g: Tensor, c: _Centring, a: int, out: Tensor, drop: Tensor) -
     torch.add(g[a:b], c.v[None, :], out=out).sub_(c.a[a:b, None])  # K_ij + (c - a_j) - a_i
     out.diagonal(a).fill_(0.0)
     out.index_fill_(1, drop, 0.0)
-    gone = drop[(drop >= a) & (drop < b)] - a
+    gone = drop if a == 0 and b == g.shape[0] else drop[(drop >= a) & (drop < b)] - a
     if gone.numel():
         out.index_fill_(0, gone, 0.0)
     return out
@@ -144,8 +144,9 @@ def _first_pass(
     keep = torch.ones(n, dtype=torch.bool, device=dev)
     drop = drop.to(dev)
     keep[drop] = False
+    kept = torch.nonzero(keep).reshape(-1)
     m = n - int(drop.numel())
-    cx, cy = _centring(sx, drop, keep, m), _centring(sy, drop, keep, m)
+    cx, cy = _centring(sx, drop, kept, m), _centring(sy, drop, kept, m)
     rows = _rows_per_block(n)
     zero = torch.zeros((), dtype=_F64, device=dev)
     t_xy, s_xy, s_xx, s_yy = zero.clone(), zero.clone(), zero.clone(), zero.clone()
@@ -167,9 +168,8 @@ def _first_pass(
         db.diagonal(a).fill_(0.0)
         if bracketed:  # else every pair is selected from d2 itself, after the pass
             below, inside = _count(db, a, lo, hi, below, inside)
-    ablated = _Terms(
-        m, s_xy, s_xx, s_yy, -cx.diag[keep], -cy.diag[keep], cx.diag[keep], cy.diag[keep]
-    )
+    dx, dy = cx.diag.index_select(0, kept), cy.diag.index_select(0, kept)
+    ablated = _Terms(m, s_xy, s_xx, s_yy, -dx, -dy, dx, dy)
     return _FirstPass(t_xy, ablated, below, inside)
 
 

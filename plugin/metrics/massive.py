@@ -10,11 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..errors import MetricInputError
-from ._median import kth_by_counting
+from ._median import kth_by_counting, order_stats
 from ._validate import Matrix, as_matrix
 from .defaults import MASSIVE_RATIO, MASSIVE_THRESHOLD
 
@@ -63,35 +62,11 @@ def _median(a: Tensor) -> float:
     ranks = sorted({(m - 1) // 2, m // 2})
     if flat.dtype in (torch.bfloat16, torch.float16):  # float32 holds them exactly
         flat = flat.float()
-    if flat.dtype == torch.float32:
-        lo, hi = _middle_by_buckets(flat.detach(), ranks[0], ranks[-1])
-        return 0.5 * (lo + hi)
-    # one introselect for both middle ranks (two kthvalue calls each copy and select)
-    part = np.partition(flat.detach().cpu().numpy(), ranks)
-    return 0.5 * (float(part[ranks[0]]) + float(part[ranks[-1]]))
-
-
-#: Buckets of the radix selection: the top 15 bits of a non-negative float32 (its 8
-#: exponent bits and 7 mantissa bits), so one bucket spans a factor of at most 1 + 2^-7.
-_BUCKET_SHIFT = 16
-
-
-def _middle_by_buckets(flat: Tensor, q_lo: int, q_hi: int) -> tuple[float, float]:
-    """Exact order statistics q_lo <= q_hi of non-negative, finite float32 values.
-
-    Non-negative IEEE floats order like their bit patterns, so one ``bincount`` over the
-    top bits finds the buckets that hold ranks q_lo and q_hi, and only the values in
-    those buckets (about 1% of a layer's) are sorted: 4x faster than ``numpy.partition``
-    of a 256 x 512 layer on a CPU (measured), bit-identical to it.
-    """
-    bits = flat.view(torch.int32)
-    buckets = bits >> _BUCKET_SHIFT
-    cum = torch.bincount(buckets, minlength=1 << (31 - _BUCKET_SHIFT)).cumsum(0)
-    edges = torch.searchsorted(cum, torch.tensor([q_lo, q_hi]), right=True)
-    b_lo, b_hi = int(edges[0]), int(edges[1])
-    below = int(cum[b_lo - 1]) if b_lo > 0 else 0
-    inside = flat[(buckets >= b_lo) & (buckets <= b_hi)].sort().values
-    return float(inside[q_lo - below]), float(inside[q_hi - below])
+    # one introselect at the lower rank, the upper one the minimum above it (order_stats:
+    # faster than a radix selection over bincount buckets, measured at 256 x 512 and
+    # 4096 x 1536 float32, and than a two-rank partition)
+    vals = order_stats(flat.detach().cpu().numpy(), ranks)
+    return 0.5 * (vals[0] + vals[-1])
 
 
 def massive_activations(
@@ -124,13 +99,17 @@ def massive_of_checked(xt: Tensor, threshold: float, ratio: float) -> MassiveAct
     a = xt.abs()
     med = _median(a)
     cutoff = max(thr, rat * med)
-    hit = a > cutoff
-    idx = torch.nonzero(hit)
+    row_max = a.amax(1)
+    # only the rows holding a massive value are searched (a few, or none: an N x D mask
+    # and its nonzero cost more than the rest of this function on a CPU)
+    rows = torch.nonzero(row_max > cutoff).reshape(-1)
+    sub = torch.nonzero(a[rows] > cutoff)
+    idx = torch.stack([rows[sub[:, 0]], sub[:, 1]], dim=1)
     return MassiveActivations(
-        positions=tuple(int(i) for i in torch.unique(idx[:, 0]).tolist()),  # type: ignore[no-untyped-call]
+        positions=tuple(int(i) for i in rows.tolist()),  # ascending, each holds one or more
         indices=idx,
-        values=xt[hit],
+        values=xt[idx[:, 0], idx[:, 1]],
         median_abs=med,
-        max_abs=float(a.max()),
+        max_abs=float(row_max.max()),
         cutoff=cutoff,
     )
