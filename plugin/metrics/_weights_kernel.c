@@ -146,6 +146,31 @@ static void drop_pages(const unsigned char *p, int64_t bytes, const unsigned cha
 #endif
 }
 
+/* Ask for [p, p + bytes) to be read ahead (asynchronously), within the mapping: on a cold
+ * page cache a fault would otherwise read a small block at a time and wait for each
+ * (2x the time of `cat`, measured); pages already cached cost a lookup. */
+static void read_ahead(const unsigned char *p, int64_t bytes, const unsigned char *lo_bound,
+                       const unsigned char *hi_bound)
+{
+#if defined(MADV_WILLNEED)
+    long page_size = sysconf(_SC_PAGESIZE);
+    if (page_size <= 0 || bytes <= 0)
+        return;
+    uintptr_t page = (uintptr_t)page_size;
+    uintptr_t lo = (uintptr_t)p < (uintptr_t)lo_bound ? (uintptr_t)lo_bound : (uintptr_t)p;
+    uintptr_t hi = (uintptr_t)p + (uintptr_t)bytes;
+    hi = hi > (uintptr_t)hi_bound ? (uintptr_t)hi_bound : hi;
+    lo = lo / page * page;
+    if (hi > lo)
+        madvise((void *)lo, hi - lo, MADV_WILLNEED);
+#else
+    (void)p;
+    (void)bytes;
+    (void)lo_bound;
+    (void)hi_bound;
+#endif
+}
+
 typedef void (*values_fn)(const unsigned char *, const unsigned char *, int64_t, int64_t,
                           double *);
 
@@ -162,8 +187,17 @@ static void windows(values_fn fn, int64_t unit, int64_t size, side a, side b, in
 {
     if (window <= 0)
         window = n;
+    if (a.map_lo)
+        read_ahead(a.data, size * (window < n ? window : n), a.map_lo, a.map_hi);
+    if (b.map_lo)
+        read_ahead(b.data, size * (window < n ? window : n), b.map_lo, b.map_hi);
     for (int64_t lo = 0; lo < n; lo += window) {
         int64_t m = lo + window < n ? window : n - lo;
+        int64_t next = lo + m, ahead = next + window < n ? window : n - next;
+        if (a.map_lo && ahead > 0) /* the next window is read while this one is summed */
+            read_ahead(a.data + size * next, size * ahead, a.map_lo, a.map_hi);
+        if (b.map_lo && ahead > 0)
+            read_ahead(b.data + size * next, size * ahead, b.map_lo, b.map_hi);
         fn(a.data + size * lo, b.data + size * lo, m / unit, block / unit, out + 4 * (lo / block));
         if (a.map_lo)
             drop_pages(a.data + size * lo, size * m, a.map_lo, a.map_hi);
