@@ -37,7 +37,7 @@ from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .diskcheck import file_mode
+from .diskcheck import default_cache_dir, file_mode
 from .errors import CacheEntryError
 
 __all__ = [
@@ -83,15 +83,6 @@ def cache_key(**parts: str) -> str:
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def default_cache_dir() -> Path:
-    """``$REASONDIFF_CACHE``, else ``$XDG_CACHE_HOME/reasondiff``, else ``~/.cache/reasondiff``."""
-    if os.environ.get("REASONDIFF_CACHE"):
-        return Path(os.environ["REASONDIFF_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "reasondiff"
-    return Path.home() / ".cache" / "reasondiff"
 
 
 # --------------------------------------------------------------------- shared protocol

@@ -62,7 +62,7 @@ def kernel_for(dtype: torch.dtype) -> Kernel | None:
     """
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return None
-    from ..cache import default_cache_dir
+    from ..diskcheck import default_cache_dir
     from ._weights_kernel import kernels
 
     return kernels(default_cache_dir).get(dtype)
