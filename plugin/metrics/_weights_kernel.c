@@ -117,57 +117,53 @@ FLOAT_SUMS(f64_values, double, fabs)
  * into the previous window (already given back) and the next. */
 #define SLACK ((uintptr_t)1 << 20)
 
-/* Give back the pages of [p - SLACK, p + bytes + SLACK), clamped to the mapping
- * [lo_bound, hi_bound): its whole pages, the partial ones at either end included. Safe
- * while another reader is using them: the mapping is never written, so a page given
- * back is the page cache's, and the next load maps it again with the same bytes. */
-static void drop_pages(const unsigned char *p, int64_t bytes, const unsigned char *lo_bound,
-                       const unsigned char *hi_bound)
+/* madvise(advice) over the pages of [p - slack, p + bytes + slack), clamped to the
+ * mapping [lo_bound, hi_bound) (its start is page aligned and its last page is whole in
+ * memory), partial pages at either end included. */
+static void advise(const unsigned char *p, int64_t bytes, uintptr_t slack,
+                   const unsigned char *lo_bound, const unsigned char *hi_bound, int advice)
 {
-#if defined(MADV_DONTNEED)
-    static long page_size = 0;
-    if (page_size <= 0)
-        page_size = sysconf(_SC_PAGESIZE);
-    if (page_size <= 0)
-        return;
-    uintptr_t page = (uintptr_t)page_size;
-    uintptr_t start = (uintptr_t)p, end = start + (uintptr_t)bytes;
-    uintptr_t lo = start - (uintptr_t)lo_bound > SLACK ? start - SLACK : (uintptr_t)lo_bound;
-    uintptr_t hi = (uintptr_t)hi_bound - end > SLACK ? end + SLACK : (uintptr_t)hi_bound;
-    lo = lo / page * page; /* lo_bound, a mapping's start, is page aligned */
-    hi = (hi + page - 1) / page * page; /* the mapping's last page is whole in memory */
-    if (hi > lo)
-        madvise((void *)lo, hi - lo, MADV_DONTNEED);
-#else
-    (void)p;
-    (void)bytes;
-    (void)lo_bound;
-    (void)hi_bound;
-#endif
-}
-
-/* Ask for [p, p + bytes) to be read ahead (asynchronously), within the mapping: on a cold
- * page cache a fault would otherwise read a small block at a time and wait for each
- * (2x the time of `cat`, measured); pages already cached cost a lookup. */
-static void read_ahead(const unsigned char *p, int64_t bytes, const unsigned char *lo_bound,
-                       const unsigned char *hi_bound)
-{
-#if defined(MADV_WILLNEED)
+#if defined(__unix__) || defined(__APPLE__)
     long page_size = sysconf(_SC_PAGESIZE);
     if (page_size <= 0 || bytes <= 0)
         return;
     uintptr_t page = (uintptr_t)page_size;
-    uintptr_t lo = (uintptr_t)p < (uintptr_t)lo_bound ? (uintptr_t)lo_bound : (uintptr_t)p;
-    uintptr_t hi = (uintptr_t)p + (uintptr_t)bytes;
-    hi = hi > (uintptr_t)hi_bound ? (uintptr_t)hi_bound : hi;
+    uintptr_t start = (uintptr_t)p, end = start + (uintptr_t)bytes;
+    uintptr_t lo = start - (uintptr_t)lo_bound > slack ? start - slack : (uintptr_t)lo_bound;
+    uintptr_t hi = (uintptr_t)hi_bound - end > slack ? end + slack : (uintptr_t)hi_bound;
     lo = lo / page * page;
+    hi = (hi + page - 1) / page * page;
     if (hi > lo)
-        madvise((void *)lo, hi - lo, MADV_WILLNEED);
+        madvise((void *)lo, hi - lo, advice);
 #else
     (void)p;
     (void)bytes;
+    (void)slack;
     (void)lo_bound;
     (void)hi_bound;
+    (void)advice;
+#endif
+}
+
+/* Give back a summed window's pages, with SLACK (MADV_DONTNEED: the page cache keeps
+ * them, this process's RSS does not). Safe while another reader is using them: the
+ * mapping is never written, so the next load maps the same bytes again. */
+static void drop_pages(const unsigned char *p, int64_t bytes, const unsigned char *lo_bound,
+                       const unsigned char *hi_bound)
+{
+#if defined(MADV_DONTNEED)
+    advise(p, bytes, SLACK, lo_bound, hi_bound, MADV_DONTNEED);
+#endif
+}
+
+/* Ask for a window to be read ahead (asynchronously): on a cold page cache a fault would
+ * otherwise read a small block at a time and wait for each (2x the time of `cat`,
+ * measured); pages already cached cost a lookup. */
+static void read_ahead(const unsigned char *p, int64_t bytes, const unsigned char *lo_bound,
+                       const unsigned char *hi_bound)
+{
+#if defined(MADV_WILLNEED)
+    advise(p, bytes, 0, lo_bound, hi_bound, MADV_WILLNEED);
 #endif
 }
 

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .weights import REDUCE_BLOCK
+
 log = logging.getLogger("reasondiff")
 
 SOURCE = Path(__file__).with_name("_weights_kernel.c")
@@ -144,8 +146,6 @@ class Kernel:
         (a multiple of ``REDUCE_BLOCK``; 0: all at once). ``a_map`` / ``b_map``: the
         (start, end) addresses of the file mapping a side lies in, whose pages are given
         back window by window. Runs without the GIL."""
-        from .weights import REDUCE_BLOCK
-
         blocks = -(-n // REDUCE_BLOCK)
         if out.dtype != np.float64 or out.shape != (blocks, 4) or not out.flags.c_contiguous:
             raise ValueError(f"out must be float64 ({blocks}, 4) for {n} values, got {out.shape}")

@@ -79,9 +79,9 @@ def as_numpy(t: Tensor) -> np.ndarray[Any, Any]:
 #: large enough to amortize Python overhead, small enough to stay in cache (fastest
 #: measured for that form).
 TORCH_CHUNK_ELEMS = 1 << 16
-#: Elements per chunk read and added at once (2 MiB of bf16 per side): the fused kernel
-#: streams it in one call, so larger chunks only cut per-call overhead (measured: 1.6x
-#: fewer seconds than 2^16 on a 0.5B pair); the torch form cuts it into cache-sized pieces.
+#: Elements per chunk of :func:`weight_diff_metrics` (2 MiB of bf16 per side): the fused
+#: kernel sums a chunk in one call, the torch form cuts it into cache-sized pieces. (The
+#: checkpoint reader goes by ``reasondiff.weightdiff.WINDOW_BYTES`` instead.)
 DEFAULT_CHUNK_ELEMS = 1 << 20
 
 
